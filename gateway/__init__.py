@@ -1,0 +1,1 @@
+"""The Slipstream gateway: OpenAI-compatible HTTP in front of Redis queues."""

@@ -1,0 +1,93 @@
+"""``create_app(settings)``: the FastAPI application and its lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.multiplexer import PubSubMultiplexer
+from gateway.routes import completions, health, models
+from gateway.settings import GatewaySettings
+from gateway.state import GatewayState
+from shared.errors import SlipstreamError, error_envelope
+from shared.jobs import JobStore
+from shared.keys import Keys
+from shared.redis import connect
+
+log = structlog.get_logger("slipstream.gateway")
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        redis = connect(settings.redis_url, client_name="slipstream-gateway")
+        keys = Keys(settings.prefix)
+        mux = PubSubMultiplexer(redis, queue_size=settings.listener_queue_batches, home_channel="")
+        await mux.start()
+        state = GatewayState(
+            settings=settings,
+            redis=redis,
+            keys=keys,
+            store=JobStore(redis, keys, ttl_s=settings.job_log_ttl_s),
+            mux=mux,
+        )
+        app.state.gateway = state
+        log.info("gateway_started", host=settings.host, port=settings.port)
+        try:
+            yield {"gateway": state}
+        finally:
+            state.draining = True
+            await mux.close()
+            await redis.aclose()
+            log.info("gateway_stopped")
+
+    app = FastAPI(
+        title="Slipstream gateway",
+        version="0.1.0",
+        description="OpenAI-compatible front door of a pull-based LLM dispatcher.",
+        lifespan=lifespan,
+    )
+    app.include_router(completions.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    install_error_handlers(app)
+    return app
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves in the OpenAI envelope; no traceback ever reaches a client."""
+
+    @app.exception_handler(SlipstreamError)
+    async def slipstream_error(request: Request, exc: SlipstreamError) -> JSONResponse:
+        return JSONResponse(exc.envelope(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())) or None
+        body = error_envelope(
+            f"invalid request: {first.get('msg', 'invalid')}",
+            "invalid_request_error",
+            "invalid_request",
+            param,
+        )
+        return JSONResponse(body, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        body = error_envelope(str(exc.detail), "invalid_request_error", code)
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled_error", path=request.url.path)
+        body = error_envelope("internal error", "server_error", "internal_error")
+        return JSONResponse(body, status_code=500)

@@ -1,0 +1,127 @@
+"""One accepted job seen from the gateway: enqueue, follow its events, enforce its deadline.
+
+Every outcome arrives as an event from the job's log, including the ones the gateway decides
+(deadline passed, no worker, client gone): the gateway moves the job to a terminal state with
+the ``CANCEL`` script, which appends the error event, so there is one path to the client.
+"""
+
+from __future__ import annotations
+
+import time
+from types import TracebackType
+
+from gateway.job_events import JobEvents
+from gateway.multiplexer import PubSubMultiplexer
+from shared.fleet import live_workers
+from shared.jobs import JobStore, now_ms
+from shared.models import Event, Job, JobState
+
+
+class Dispatch:
+    def __init__(
+        self,
+        store: JobStore,
+        mux: PubSubMultiplexer,
+        job: Job,
+        *,
+        worker_wait_s: float,
+        stall_timeout_s: float,
+        worker_ttl_s: float,
+        submit: bool = True,
+        after_seq: int = 0,
+    ) -> None:
+        self.store = store
+        self.job = job
+        self.worker_wait_s = worker_wait_s
+        self.stall_timeout_s = stall_timeout_s
+        self.worker_ttl_s = worker_ttl_s
+        self.submit = submit
+        self.events = JobEvents(store, mux, job.model, job.id, after_seq=after_seq)
+        self.started = False
+        self.created = time.monotonic()
+        self.first_token_at: float | None = None
+        self.started_at: float | None = None
+        self._closing = False
+
+    @property
+    def finished(self) -> bool:
+        return self.events.finished
+
+    async def __aenter__(self) -> Dispatch:
+        await self.events.__aenter__()
+        if self.submit:
+            try:
+                await self.store.enqueue(self.job)
+            except BaseException:
+                await self.events.__aexit__(None, None, None)
+                raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if not self.finished and self.submit:
+                await self.store.cancel(self.job.model, self.job.id, message="the client went away")
+        finally:
+            await self.events.__aexit__(exc_type, exc, tb)
+
+    async def next(self, timeout: float = 1.0) -> list[Event]:
+        """The next events; ``[]`` after ``timeout`` seconds of quiet (time for a progress note)."""
+        end = time.monotonic() + timeout
+        while not self.finished:
+            events = await self.events.next(min(1.0, max(0.0, end - time.monotonic())))
+            if events:
+                self._note(events)
+                return events
+            await self._enforce_limits()
+            if time.monotonic() >= end:
+                return []
+        return []
+
+    def _note(self, events: list[Event]) -> None:
+        self.started = True
+        for event in events:
+            if event.t == "started" and self.started_at is None:
+                self.started_at = time.monotonic()
+            elif event.t == "token" and self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+
+    async def _enforce_limits(self) -> None:
+        job, store = self.job, self.store
+        if job.deadline_at_ms is not None and now_ms() >= job.deadline_at_ms:
+            await store.cancel(
+                job.model,
+                job.id,
+                state=JobState.EXPIRED,
+                code="deadline_exceeded",
+                message="the request's deadline passed before it finished",
+                status=504,
+            )
+            return
+        waited = time.monotonic() - self.created
+        if not self.started and waited >= self.worker_wait_s:
+            workers = await live_workers(store.redis, store.keys, self.worker_ttl_s)
+            if not any(w.model == job.model for w in workers):
+                await store.cancel(
+                    job.model,
+                    job.id,
+                    state=JobState.FAILED,
+                    code="no_worker_available",
+                    message=f"no worker is serving model {job.model!r}; try again later",
+                    status=503,
+                )
+                return
+        silent = time.monotonic() - self.events.last_event_at
+        if self.started and silent >= self.stall_timeout_s:
+            await store.cancel(
+                job.model,
+                job.id,
+                state=JobState.FAILED,
+                code="worker_stalled",
+                message=f"no output for {self.stall_timeout_s:.0f} s",
+                status=504,
+            )

@@ -1,0 +1,183 @@
+"""From an HTTP request to a validated ``Job``: size cap, UTF-8, JSON, schema, extensions.
+
+Everything here runs before anything touches Redis, so a rejected request leaves no trace.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.settings import GatewaySettings
+from shared.errors import InvalidRequest, PayloadTooLarge
+from shared.models import Job, Priority, SamplingParams
+
+Body = TypeVar("Body", bound=BaseModel)
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The body as JSON; 413 past ``limit`` bytes (checked before and while reading)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    try:
+        text = b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid UTF-8 (byte {exc.start})") from None
+    if not text.strip():
+        raise InvalidRequest("request body is empty; send a JSON object")
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc.msg} at {exc.pos}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    _reject_nul(data, "")
+    return data
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidRequest(f"{name} is not a valid JSON number")
+
+
+def _reject_nul(value: Any, path: str) -> None:
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidRequest("strings must not contain NUL characters", param=path or None)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _reject_nul(k, path)
+            _reject_nul(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _reject_nul(v, f"{path}[{i}]")
+
+
+def parse(model: type[Body], data: Any) -> Body:
+    """Validate against ``model``; the first problem becomes a 400 naming its parameter."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        if err["type"] == "extra_forbidden":
+            message = f"unsupported parameter: {param}"
+        elif err["type"] == "literal_error" and param == "n":
+            message = "only n=1 is supported"
+        else:
+            message = f"invalid value for {param}: {err['msg']}"
+        raise InvalidRequest(message, param=param) from None
+
+
+def estimate_tokens(text: str) -> int:
+    """Conservative prompt estimate for capacity (about four characters a token)."""
+    return max(1, (len(text) + 3) // 4)
+
+
+def _priority(request: Request, body: Priority | None) -> Priority:
+    header = request.headers.get("x-priority")
+    if header is None:
+        return body or Priority.NORMAL
+    try:
+        return Priority(header.strip().lower())
+    except ValueError:
+        raise InvalidRequest(
+            "X-Priority must be one of high, normal, low", param="X-Priority"
+        ) from None
+
+
+def _deadline_ms(request: Request, body: int | None) -> int | None:
+    header = request.headers.get("x-deadline-ms")
+    if header is None:
+        return body
+    try:
+        value = int(header)
+    except ValueError:
+        raise InvalidRequest("X-Deadline-Ms must be an integer", param="X-Deadline-Ms") from None
+    if not 1 <= value <= 86_400_000:
+        raise InvalidRequest(
+            "X-Deadline-Ms must be between 1 and 86400000 (a time budget)", param="X-Deadline-Ms"
+        )
+    return value
+
+
+def request_id(request: Request) -> str:
+    given = request.headers.get("x-request-id")
+    if given and REQUEST_ID.match(given):
+        return given
+    return uuid.uuid4().hex
+
+
+def build_job(
+    request: Request,
+    body: ChatCompletionRequest | CompletionRequest,
+    settings: GatewaySettings,
+    *,
+    tenant: str = "anonymous",
+) -> Job:
+    """The job for a validated body, checked against the gateway's limits."""
+    max_tokens = body.output_budget() or settings.default_max_tokens
+    if max_tokens > settings.max_tokens_cap:
+        raise InvalidRequest(
+            f"max_tokens must be at most {settings.max_tokens_cap}", param="max_tokens"
+        )
+    stops = body.stops()
+    if len(stops) > settings.max_stop or any(len(s) > settings.max_stop_chars for s in stops):
+        raise InvalidRequest(
+            f"at most {settings.max_stop} stop sequences of at most "
+            f"{settings.max_stop_chars} characters",
+            param="stop",
+        )
+    if isinstance(body, ChatCompletionRequest):
+        if len(body.messages) > settings.max_messages:
+            raise InvalidRequest(f"at most {settings.max_messages} messages", param="messages")
+        messages = [m.to_message() for m in body.messages]
+        text = "\n".join(m.content for m in messages)
+        kind, prompt = "chat", None
+    else:
+        messages, text, kind, prompt = None, body.prompt, "completion", body.prompt
+    prompt_tokens = estimate_tokens(text) + (4 * len(messages) if messages else 0)
+    if prompt_tokens > settings.max_prompt_tokens:
+        raise InvalidRequest(
+            f"prompt is about {prompt_tokens} tokens; the limit is {settings.max_prompt_tokens}",
+            param="messages" if messages else "prompt",
+            code="context_length_exceeded",
+        )
+    deadline = _deadline_ms(request, body.deadline_ms)
+    now = int(time.time() * 1000)
+    budget = deadline if deadline is not None else int(settings.request_timeout_s * 1000)
+    return Job(
+        id=uuid.uuid4().hex,
+        model=body.model,
+        kind=kind,  # type: ignore[arg-type]
+        messages=messages,
+        prompt=prompt,
+        params=SamplingParams(
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=stops,
+        ),
+        priority=_priority(request, body.priority),
+        enqueued_at_ms=now,
+        deadline_at_ms=now + budget,
+        prompt_tokens_estimate=prompt_tokens,
+        request_id=request_id(request),
+        tenant=tenant,
+    )

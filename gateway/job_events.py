@@ -1,0 +1,123 @@
+"""A job's events in order, exactly once: pub/sub fast path, event log for repair.
+
+``JobEvents`` subscribes before anything can be published, reads the log for whatever came
+before (or was missed), then takes events from the pub/sub listener. It drops events whose
+sequence number it has already passed on, and falls back to the log whenever it sees a gap, the
+listener lagged, or nothing arrived for a while.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import TracebackType
+
+from pydantic import ValidationError
+
+from gateway.multiplexer import Listener, PubSubMultiplexer
+from shared.jobs import JobStore
+from shared.models import TERMINAL_EVENT_TYPES, Event, EventBatch
+
+
+class JobEvents:
+    def __init__(
+        self,
+        store: JobStore,
+        mux: PubSubMultiplexer,
+        model: str,
+        job_id: str,
+        *,
+        after_seq: int = 0,
+        poll_s: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.mux = mux
+        self.model = model
+        self.job_id = job_id
+        self.seq = after_seq
+        self.poll_s = poll_s
+        self.log_pos = "-"
+        self.finished = False
+        self.listener: Listener | None = None
+        self.needs_log = True
+        self.last_event_at = time.monotonic()
+
+    async def __aenter__(self) -> JobEvents:
+        channel = self.store.keys.job_channel(self.model, self.job_id)
+        self.listener = await self.mux.subscribe(channel)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.listener is not None:
+            await self.mux.unsubscribe(self.listener)
+            self.listener = None
+
+    async def next(self, timeout: float) -> list[Event]:
+        """New events in order (empty after ``timeout`` seconds without any)."""
+        assert self.listener is not None
+        end = time.monotonic() + timeout
+        while True:
+            if self.needs_log or self.listener.lagging:
+                events = await self._from_log()
+            else:
+                events = self._from_queue()
+            if events:
+                self.last_event_at = time.monotonic()
+                return events
+            left = end - time.monotonic()
+            if left <= 0:
+                return []
+            self.listener.wake.clear()
+            if not self.listener.queue.empty():
+                continue
+            try:
+                await asyncio.wait_for(self.listener.wake.wait(), min(left, self.poll_s))
+            except TimeoutError:
+                self.needs_log = True  # quiet: make sure nothing was missed
+
+    def _from_queue(self) -> list[Event]:
+        assert self.listener is not None
+        out: list[Event] = []
+        while not self.listener.queue.empty():
+            raw = self.listener.queue.get_nowait()
+            try:
+                batch = EventBatch.model_validate_json(raw)
+            except ValidationError:
+                self.needs_log = True
+                continue
+            fresh = [e for e in batch.events if e.s > self.seq]
+            if fresh and fresh[0].s != self.seq + 1:
+                self.needs_log = True  # a gap: the log has what is missing
+                return out
+            out.extend(self._accept(fresh))
+        return out
+
+    async def _from_log(self) -> list[Event]:
+        assert self.listener is not None
+        self.needs_log = False
+        self.listener.lagging = False
+        while not self.listener.queue.empty():  # the log covers whatever is queued
+            self.listener.queue.get_nowait()
+        out: list[Event] = []
+        for entry in await self.store.read_log(self.model, self.job_id, after=self.log_pos):
+            self.log_pos = entry.stream_id
+            out.extend(self._accept([e for e in entry.batch.events if e.s > self.seq]))
+        return out
+
+    def _accept(self, events: list[Event]) -> list[Event]:
+        accepted: list[Event] = []
+        for event in events:
+            if event.s != self.seq + 1:
+                self.needs_log = True
+                break
+            self.seq = event.s
+            accepted.append(event)
+            if event.t in TERMINAL_EVENT_TYPES:
+                self.finished = True
+                break
+        return accepted

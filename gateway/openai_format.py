@@ -1,0 +1,110 @@
+"""Slipstream events rendered as OpenAI objects: streaming chunks and whole responses.
+
+Chunks are assembled from pre-rendered JSON fragments: the token text is the only part
+encoded per token, which keeps the relay cheap at tens of thousands of tokens a second.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from shared.models import DoneEvent, ErrorEvent, Event, TokenEvent, Usage
+
+
+def _usage_dict(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+@dataclass(slots=True)
+class ChunkWriter:
+    """Renders one response's events as SSE frames (``id:`` = the event's sequence number)."""
+
+    kind: Literal["chat", "completion"]
+    response_id: str
+    model: str
+    include_usage: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+    role_sent: bool = False
+    _head: str = ""
+
+    def __post_init__(self) -> None:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        self._head = (
+            f'{{"id":{json.dumps(self.response_id)},"object":"{obj}",'
+            f'"created":{self.created},"model":{json.dumps(self.model)},"choices":[{{"index":0,'
+        )
+
+    def _choice(self, content: str | None, finish: str | None) -> str:
+        fin = "null" if finish is None else f'"{finish}"'
+        if self.kind == "completion":
+            text = json.dumps(content or "")
+            return f'{self._head}"text":{text},"logprobs":null,"finish_reason":{fin}}}]}}'
+        delta: dict[str, str] = {}
+        if not self.role_sent:
+            delta["role"] = "assistant"
+            self.role_sent = True
+        if content is not None:
+            delta["content"] = content
+        return f'{self._head}"delta":{json.dumps(delta)},"logprobs":null,"finish_reason":{fin}}}]}}'
+
+    def frames(self, events: list[Event]) -> bytes:
+        """SSE frames for a batch of events (``started`` events render as nothing)."""
+        out: list[str] = []
+        for event in events:
+            if isinstance(event, TokenEvent):
+                out.append(f"id: {event.s}\ndata: {self._choice(event.x, None)}\n\n")
+            elif isinstance(event, DoneEvent):
+                out.append(f"id: {event.s}\ndata: {self._choice(None, event.finish_reason)}\n\n")
+                if self.include_usage:
+                    usage = json.dumps(_usage_dict(event.usage))
+                    tail = self._head[: self._head.index('"choices"')]
+                    out.append(f'data: {tail}"choices":[],"usage":{usage}}}\n\n')
+                out.append("data: [DONE]\n\n")
+            elif isinstance(event, ErrorEvent):
+                envelope = error_object(event)
+                out.append(f"id: {event.s}\ndata: {json.dumps(envelope)}\n\ndata: [DONE]\n\n")
+        return "".join(out).encode()
+
+
+def error_object(event: ErrorEvent) -> dict[str, Any]:
+    type_ = "timeout_error" if event.status == 504 else "server_error"
+    if 400 <= event.status < 500:
+        type_ = "invalid_request_error" if event.status != 429 else "rate_limit_error"
+    return {"error": {"message": event.message, "type": type_, "param": None, "code": event.code}}
+
+
+def completion_object(
+    kind: Literal["chat", "completion"],
+    response_id: str,
+    model: str,
+    text: str,
+    done: DoneEvent,
+    created: int,
+) -> dict[str, Any]:
+    """The whole (non-streaming) response."""
+    if kind == "chat":
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": done.finish_reason,
+        }
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": done.finish_reason}
+        obj = "text_completion"
+    return {
+        "id": response_id,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": _usage_dict(done.usage),
+    }

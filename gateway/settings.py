@@ -1,0 +1,59 @@
+"""Gateway settings: environment variables (``SLIPSTREAM_*``) overridden by CLI flags."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
+
+from shared.settings import CommonSettings
+
+
+class GatewaySettings(CommonSettings):
+    host: str = Field(default="127.0.0.1", description="Address the gateway listens on")
+    port: int = Field(default=8000, description="Port the gateway listens on")
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Models accepted even before any worker served them (JSON list or a,b)",
+    )
+    worker_wait_s: float = Field(
+        default=10.0, gt=0, description="How long a job waits for a live worker before a 503"
+    )
+    request_timeout_s: float = Field(
+        default=600.0, gt=0, description="Time budget of a request that sets no deadline"
+    )
+    stall_timeout_s: float = Field(
+        default=60.0, gt=0, description="Longest silence from a started job before it is failed"
+    )
+    stream_start_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="A streaming job still queued after this long starts its SSE response",
+    )
+    default_max_tokens: int = Field(default=256, gt=0, description="max_tokens when unset")
+    max_tokens_cap: int = Field(default=4096, gt=0, description="Largest max_tokens accepted")
+    max_body_bytes: int = Field(default=1_048_576, gt=0, description="Largest request body")
+    max_messages: int = Field(default=256, gt=0, description="Most chat messages in a request")
+    max_stop: int = Field(default=4, gt=0, description="Most stop sequences in a request")
+    max_stop_chars: int = Field(default=64, gt=0, description="Longest stop sequence")
+    max_prompt_tokens: int = Field(
+        default=32768, gt=0, description="Largest estimated prompt accepted"
+    )
+    listener_queue_batches: int = Field(
+        default=256, gt=0, description="Event batches buffered per stream before repair-from-log"
+    )
+    sse_ping_s: float = Field(default=15.0, gt=0, description="SSE keep-alive comment period")
+    send_timeout_s: float = Field(
+        default=30.0, gt=0, description="A client that takes longer to accept a write is cut"
+    )
+    drain_grace_s: float = Field(
+        default=30.0, ge=0, description="On SIGTERM, how long open streams may finish"
+    )
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [m.strip() for m in value.split(",") if m.strip()]
+        return value

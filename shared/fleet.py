@@ -1,0 +1,25 @@
+"""What the registry says about the fleet: live workers, known models."""
+
+from __future__ import annotations
+
+import time
+
+from redis.asyncio import Redis
+
+from shared.keys import Keys
+from shared.models import WorkerInfo
+
+
+async def live_workers(redis: Redis, keys: Keys, ttl_s: float) -> list[WorkerInfo]:
+    """Workers whose last heartbeat is younger than ``ttl_s`` (shared by status tools)."""
+    cutoff = int((time.time() - ttl_s) * 1000)
+    ids = await redis.zrangebyscore(keys.workers_seen, cutoff, "+inf")
+    if not ids:
+        return []
+    rows = await redis.hmget(keys.workers, ids)
+    return [WorkerInfo.model_validate_json(r) for r in rows if r]
+
+
+async def known_models(redis: Redis, keys: Keys) -> set[str]:
+    """Every model a worker has ever served."""
+    return {str(m) for m in await redis.smembers(keys.models)}

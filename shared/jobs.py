@@ -1,0 +1,188 @@
+"""``JobStore``: the typed face of the Lua scripts and the job keys, used by both services."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from redis.asyncio import Redis
+
+from shared import lua
+from shared.keys import CONSUMER_GROUP, Keys
+from shared.models import Event, EventBatch, Job, JobState, Priority
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A job a worker now holds, with the fence token its writes must carry."""
+
+    job: Job
+    fence: int
+    seq: int
+    tokens_done: int
+
+
+@dataclass(frozen=True, slots=True)
+class PullResult:
+    kind: Literal["empty", "full", "skipped", "job"]
+    claimed: Claimed | None = None
+    last_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    stream_id: str
+    batch: EventBatch
+
+
+class JobStore:
+    """Atomic job transitions (enqueue, pull, emit, cancel, renew) and event-log reads."""
+
+    def __init__(self, redis: Redis, keys: Keys, *, ttl_s: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.ttl_ms = ttl_s * 1000
+        self._enqueue = redis.register_script(lua.ENQUEUE)
+        self._pull = redis.register_script(lua.PULL)
+        self._emit = redis.register_script(lua.EMIT)
+        self._cancel = redis.register_script(lua.CANCEL)
+        self._renew = redis.register_script(lua.RENEW)
+
+    # --- gateway side -------------------------------------------------------------------
+    async def enqueue(self, job: Job) -> str:
+        """Store the job and append it to its queue; returns the queue entry id."""
+        k = self.keys
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(k.job_index(job.id), job.model, px=self.ttl_ms)
+            await pipe.execute()
+        entry = await self._enqueue(
+            keys=[k.job(job.model, job.id), k.queue(job.model, job.priority)],
+            args=[job.id, job.model_dump_json(), job.cost_tokens, self.ttl_ms, CONSUMER_GROUP],
+        )
+        return str(entry)
+
+    async def cancel(
+        self,
+        model: str,
+        job_id: str,
+        *,
+        state: JobState = JobState.CANCELLED,
+        code: str = "cancelled",
+        message: str = "the job was cancelled",
+        status: int = 499,
+    ) -> str:
+        """Move a queued or running job to a terminal state; returns the state it ends in."""
+        k = self.keys
+        result = await self._cancel(
+            keys=[k.job(model, job_id), k.job_log(model, job_id)],
+            args=[
+                k.job_channel(model, job_id),
+                state.value,
+                code,
+                message,
+                status,
+                self.ttl_ms,
+                CONSUMER_GROUP,
+                k.control_channel(model),
+                job_id,
+            ],
+        )
+        return str(result)
+
+    async def model_of(self, job_id: str) -> str | None:
+        model = await self.redis.get(self.keys.job_index(job_id))
+        return None if model is None else str(model)
+
+    async def state(self, model: str, job_id: str) -> dict[str, str]:
+        result: dict[str, str] = await self.redis.hgetall(self.keys.job(model, job_id))
+        return result
+
+    async def read_log(
+        self, model: str, job_id: str, after: str = "-", count: int | None = None
+    ) -> list[LogEntry]:
+        """Event batches logged after stream id ``after`` (exclusive), oldest first."""
+        start = "-" if after == "-" else f"({after}"
+        rows = await self.redis.xrange(self.keys.job_log(model, job_id), start, "+", count=count)
+        return [LogEntry(sid, EventBatch.model_validate_json(f["e"])) for sid, f in rows]
+
+    # --- worker side --------------------------------------------------------------------
+    async def pull(
+        self,
+        model: str,
+        consumer: str,
+        *,
+        free_tokens: int,
+        idle: bool,
+        lease_ms: int,
+        aging_ms: dict[Priority, int],
+    ) -> PullResult:
+        k = self.keys
+        args: list[Any] = [
+            CONSUMER_GROUP,
+            consumer,
+            now_ms(),
+            free_tokens,
+            1 if idle else 0,
+            k.job(model, ""),
+            lease_ms,
+            self.ttl_ms,
+        ]
+        args += [aging_ms.get(p, 0) for p in Priority.ordered()]
+        reply = await self._pull(keys=k.queues(model), args=args)
+        kind = reply[0]
+        if kind == "empty":
+            return PullResult("empty", last_ids=tuple(str(x) for x in reply[1:]))
+        if kind != "job":
+            return PullResult(kind)
+        _, _job_id, payload, fence, seq, ntok = reply
+        claimed = Claimed(Job.model_validate_json(payload), int(fence), int(seq), int(ntok))
+        return PullResult("job", claimed=claimed)
+
+    async def emit(
+        self,
+        claimed: Claimed,
+        batch: EventBatch,
+        *,
+        new_tokens: int,
+        terminal: JobState | None = None,
+    ) -> bool:
+        """Log and publish a batch if the caller still holds the job; False when fenced off."""
+        job = claimed.job
+        k = self.keys
+        ok = await self._emit(
+            keys=[k.job(job.model, job.id), k.job_log(job.model, job.id)],
+            args=[
+                claimed.fence,
+                k.job_channel(job.model, job.id),
+                batch.model_dump_json(),
+                batch.events[-1].s,
+                new_tokens,
+                self.ttl_ms,
+                terminal.value if terminal else "",
+                CONSUMER_GROUP,
+            ],
+        )
+        return bool(ok)
+
+    async def renew(self, model: str, leases: dict[str, int], lease_ms: int) -> dict[str, bool]:
+        """Extend the leases of ``{job id: fence}``; maps each job to whether it is still ours."""
+        if not leases:
+            return {}
+        ids = list(leases)
+        reply = await self._renew(
+            keys=[self.keys.job(model, i) for i in ids],
+            args=[now_ms() + lease_ms, *[leases[i] for i in ids]],
+        )
+        return {i: bool(r) for i, r in zip(ids, reply, strict=True)}
+
+
+def decode_events(data: str) -> list[Event]:
+    return EventBatch.model_validate_json(data).events
+
+
+__all__ = ["Claimed", "JobStore", "LogEntry", "PullResult", "decode_events", "now_ms"]

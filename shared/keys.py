@@ -1,0 +1,87 @@
+"""Every Redis key and channel name Slipstream uses, in one place.
+
+Keys that belong to one model carry the hash tag ``{model}`` so that a model's streams, jobs
+and event logs share one Redis Cluster slot (the Lua scripts touch several of them at once).
+Names stay readable so ``redis-cli XLEN slip:{gemma-3-270m}:queue:high`` answers "how deep".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.models import Priority
+
+CONSUMER_GROUP = "workers"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key names under one prefix (``SLIPSTREAM_PREFIX``, default ``slip``)."""
+
+    prefix: str = "slip"
+
+    # --- per model -----------------------------------------------------------------------
+    def queue(self, model: str, priority: Priority) -> str:
+        """Stream of job ids waiting for a worker (one per model and priority)."""
+        return f"{self.prefix}:{{{model}}}:queue:{priority.value}"
+
+    def queues(self, model: str) -> list[str]:
+        """The model's queues, highest priority first."""
+        return [self.queue(model, p) for p in Priority.ordered()]
+
+    def dead_letter(self, model: str) -> str:
+        """Stream of jobs that failed too many deliveries (poison jobs)."""
+        return f"{self.prefix}:{{{model}}}:dead"
+
+    def job(self, model: str, job_id: str) -> str:
+        """Hash: state, payload, lease owner and fence, sequence, usage."""
+        return f"{self.prefix}:{{{model}}}:job:{job_id}"
+
+    def job_log(self, model: str, job_id: str) -> str:
+        """Stream: the job's event log, the source of truth for its output."""
+        return f"{self.prefix}:{{{model}}}:job:{job_id}:log"
+
+    def job_channel(self, model: str, job_id: str) -> str:
+        """Pub/sub channel: the fast path for the job's events."""
+        return f"{self.prefix}:{{{model}}}:job:{job_id}:events"
+
+    def control_channel(self, model: str) -> str:
+        """Pub/sub channel workers of a model listen on (cancellations)."""
+        return f"{self.prefix}:{{{model}}}:control"
+
+    def throughput(self, model: str) -> str:
+        """Hash: worker id -> recent tokens/s for the model (admission reads it)."""
+        return f"{self.prefix}:{{{model}}}:throughput"
+
+    # --- global --------------------------------------------------------------------------
+    def job_index(self, job_id: str) -> str:
+        """String: job id -> model, so the job API can find a job's keys."""
+        return f"{self.prefix}:jobidx:{job_id}"
+
+    def idempotency(self, tenant: str, key: str) -> str:
+        """String: (tenant, Idempotency-Key) -> job id."""
+        return f"{self.prefix}:idem:{tenant}:{key}"
+
+    @property
+    def workers(self) -> str:
+        """Hash: worker id -> JSON registry entry (see ``WorkerInfo``)."""
+        return f"{self.prefix}:workers"
+
+    @property
+    def workers_seen(self) -> str:
+        """Sorted set: worker id scored by its last heartbeat (ms since the epoch)."""
+        return f"{self.prefix}:workers:seen"
+
+    @property
+    def models(self) -> str:
+        """Set: every model a worker has ever served."""
+        return f"{self.prefix}:models"
+
+    def api_key(self, key_hash: str) -> str:
+        """Hash: an API key's tenant, models, priority ceiling and limits (by key hash)."""
+        return f"{self.prefix}:apikey:{key_hash}"
+
+    @property
+    def api_keys(self) -> str:
+        """Set: hashes of every API key."""
+        return f"{self.prefix}:apikeys"

@@ -1,0 +1,151 @@
+"""Pydantic models that cross Redis: jobs, events and the worker registry entry.
+
+Every model carries ``v`` (the protocol version) so that a newer gateway can refuse or adapt to
+an older worker's messages instead of misreading them.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Priority(str, enum.Enum):
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @classmethod
+    def ordered(cls) -> list[Priority]:
+        return [cls.HIGH, cls.NORMAL, cls.LOW]
+
+    @property
+    def rank(self) -> int:
+        return Priority.ordered().index(self)
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (JobState.QUEUED, JobState.RUNNING)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str
+    name: str | None = None
+
+
+class SamplingParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_tokens: int = Field(ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+
+
+class Job(BaseModel):
+    """One unit of work: what a worker needs to generate, and its scheduling metadata."""
+
+    model_config = ConfigDict(extra="forbid")
+    v: Literal[1] = 1
+    id: str
+    model: str
+    kind: Literal["chat", "completion"]
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    params: SamplingParams
+    priority: Priority = Priority.NORMAL
+    enqueued_at_ms: int
+    deadline_at_ms: int | None = None
+    prompt_tokens_estimate: int
+    request_id: str
+    tenant: str = "anonymous"
+
+    @property
+    def cost_tokens(self) -> int:
+        """Capacity a worker reserves for this job: prompt estimate plus the output budget."""
+        return self.prompt_tokens_estimate + self.params.max_tokens
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class StartedEvent(BaseModel):
+    """A worker took the job (again, after a failover)."""
+
+    t: Literal["started"] = "started"
+    s: int
+    worker: str
+
+
+class TokenEvent(BaseModel):
+    t: Literal["token"] = "token"
+    s: int
+    x: str
+
+
+class DoneEvent(BaseModel):
+    t: Literal["done"] = "done"
+    s: int
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+
+
+class ErrorEvent(BaseModel):
+    """The job ended without a result; ``code`` matches the OpenAI error envelope's."""
+
+    t: Literal["error"] = "error"
+    s: int
+    code: str
+    message: str
+    status: int = 500
+
+
+Event = Annotated[StartedEvent | TokenEvent | DoneEvent | ErrorEvent, Field(discriminator="t")]
+TERMINAL_EVENT_TYPES = ("done", "error")
+
+
+class EventBatch(BaseModel):
+    """What a worker publishes in one go: events of one job in sequence order."""
+
+    v: Literal[1] = 1
+    events: list[Event]
+
+
+class WorkerInfo(BaseModel):
+    """A worker's registry entry, refreshed on every heartbeat."""
+
+    v: Literal[1] = 1
+    id: str
+    host: str
+    pid: int
+    model: str
+    engine: str
+    capacity_tokens: int
+    max_seqs: int
+    tokens_in_use: int = 0
+    seqs_in_use: int = 0
+    tokens_per_s: float = 0.0
+    healthy: bool = True
+    draining: bool = False
+    started_at_ms: int
+    heartbeat_at_ms: int
+    metrics_port: int | None = None

@@ -1,0 +1,36 @@
+"""The one way to open a Redis connection: timeouts on, retries with jittered backoff."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+from redis.backoff import EqualJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+
+def connect(
+    url: str,
+    *,
+    socket_timeout: float | None = 10.0,
+    max_connections: int | None = 512,
+    client_name: str | None = None,
+) -> Redis:
+    """A pooled async client for ``url`` (``redis://``, ``rediss://`` or ``unix://``).
+
+    ``socket_timeout`` bounds every reply; blocking commands pass a smaller ``BLOCK`` than it.
+    Connection errors are retried with equal-jitter backoff so that a fleet reconnecting after
+    a Redis restart does not arrive as one herd.
+    """
+    retry = Retry(EqualJitterBackoff(cap=2.0, base=0.05), retries=6)
+    return Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=5.0,
+        health_check_interval=15,
+        retry=retry,
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        max_connections=max_connections,
+        client_name=client_name,
+    )

@@ -1,0 +1,1 @@
+"""The ``slipstream`` command: composes the gateway, the worker and the operator tools."""

@@ -1,0 +1,128 @@
+"""``slipstream``: one console script for every role (gateway, worker, sim-server, up, status).
+
+Flags override environment variables (``REDIS_URL``, ``SLIPSTREAM_*``); a flag left unset
+leaves the setting to the environment or its default.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+def _given(**flags: Any) -> dict[str, Any]:
+    """Only the flags the user set, so the rest fall through to env vars and defaults."""
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+@app.command()
+def gateway(
+    host: Annotated[str | None, typer.Option(help="Listen address")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port")] = None,
+    model: Annotated[
+        list[str] | None, typer.Option(help="Model accepted before any worker serves it")
+    ] = None,
+    log_format: Annotated[str | None, typer.Option(help="json or console")] = None,
+) -> None:
+    """Run the OpenAI-compatible gateway."""
+    from gateway.main import main as run
+    from gateway.settings import GatewaySettings
+
+    run(GatewaySettings(**_given(host=host, port=port, models=model, log_format=log_format)))
+
+
+@app.command()
+def worker(
+    model: Annotated[str | None, typer.Option(help="Model name to serve")] = None,
+    engine: Annotated[str | None, typer.Option(help="sim, llama or openai")] = None,
+    capacity_tokens: Annotated[int | None, typer.Option(help="Token budget in flight")] = None,
+    max_seqs: Annotated[int | None, typer.Option(help="Most concurrent sequences")] = None,
+    worker_id: Annotated[str | None, typer.Option(help="Registry id")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Port for /metrics")] = None,
+    sim_ttft_ms: Annotated[
+        float | None, typer.Option(help="Simulator: time to first token")
+    ] = None,
+    sim_tokens_per_s: Annotated[float | None, typer.Option(help="Simulator: tokens/s")] = None,
+    sim_slowdown: Annotated[float | None, typer.Option(help="Simulator: slowdown/seq")] = None,
+    model_path: Annotated[str | None, typer.Option(help="llama: a GGUF file")] = None,
+    slots: Annotated[int | None, typer.Option(help="llama: model contexts")] = None,
+    n_ctx: Annotated[int | None, typer.Option(help="llama: tokens per context")] = None,
+    threads: Annotated[int | None, typer.Option(help="llama: threads per slot")] = None,
+    upstream_url: Annotated[str | None, typer.Option(help="openai: upstream base URL")] = None,
+    log_format: Annotated[str | None, typer.Option(help="json or console")] = None,
+) -> None:
+    """Run a worker that pulls jobs for one model."""
+    from worker.main import main as run
+    from worker.settings import WorkerSettings
+
+    flags = _given(
+        model=model,
+        engine=engine,
+        capacity_tokens=capacity_tokens,
+        max_seqs=max_seqs,
+        worker_id=worker_id,
+        metrics_port=metrics_port,
+        sim_ttft_ms=sim_ttft_ms,
+        sim_tokens_per_s=sim_tokens_per_s,
+        sim_slowdown=sim_slowdown,
+        model_path=model_path,
+        slots=slots,
+        n_ctx=n_ctx,
+        threads=threads,
+        upstream_url=upstream_url,
+        log_format=log_format,
+    )
+    run(WorkerSettings(**flags))
+
+
+@app.command("sim-server")
+def sim_server(
+    host: Annotated[str, typer.Option(help="Listen address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Listen port")] = 9000,
+    model: Annotated[str, typer.Option(help="Model name it answers to")] = "sim-model",
+    slots: Annotated[int, typer.Option(help="Sequences decoded at once; more queue")] = 8,
+    sim_ttft_ms: Annotated[float, typer.Option(help="Time to first token")] = 20.0,
+    sim_tokens_per_s: Annotated[float, typer.Option(help="Tokens/s of one sequence")] = 100.0,
+    sim_slowdown: Annotated[float, typer.Option(help="Slowdown per extra sequence")] = 0.0,
+) -> None:
+    """Serve the simulator as a standalone OpenAI-compatible server (benchmarks, tests)."""
+    from worker.sim_server import serve_sim
+
+    serve_sim(host, port, model, slots, sim_ttft_ms, sim_tokens_per_s, sim_slowdown)
+
+
+@app.command()
+def up(
+    engine: Annotated[str, typer.Option(help="Engine of the local worker")] = "llama",
+    model: Annotated[str | None, typer.Option(help="Model name")] = None,
+    port: Annotated[int, typer.Option(help="Gateway port")] = 8000,
+    workers: Annotated[int, typer.Option(help="Local workers to start")] = 1,
+) -> None:
+    """Everything for local use: Redis (if none answers), a gateway and workers."""
+    from slipstream.local import run_local
+
+    name = model or ("gemma-3-270m" if engine == "llama" else "sim-model")
+    raise typer.Exit(run_local(_engine(engine), name, port, workers))
+
+
+@app.command()
+def status(
+    watch: Annotated[float, typer.Option(help="Refresh every N seconds (0: once)")] = 0.0,
+) -> None:
+    """Queue depth, pending and lag per model and priority; live workers and their capacity."""
+    from slipstream.status import show_status
+
+    show_status(watch)
+
+
+def _engine(name: str) -> Literal["sim", "llama", "openai"]:
+    if name not in ("sim", "llama", "openai"):
+        raise typer.BadParameter("engine must be sim, llama or openai")
+    return name  # type: ignore[return-value]
+
+
+def main() -> None:
+    app()

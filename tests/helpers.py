@@ -1,0 +1,136 @@
+"""Test helpers: a real redis-server, in-process gateway and workers, free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+from worker.engines.sim import SimEngine, SimProfile
+from worker.service import Worker
+from worker.settings import WorkerSettings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RedisProcess:
+    port: int
+    proc: subprocess.Popen[bytes]
+    dir: str
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill() if kill else self.proc.terminate()
+            self.proc.wait(10)
+
+    def restart(self) -> None:
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL)
+        wait_for_port(self.port)
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def start_redis(*extra: str, aof: bool = False) -> RedisProcess:
+    server = shutil.which("redis-server")
+    assert server, "redis-server must be installed (apt-get install redis-server)"
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="slip-redis-")
+    args = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir]
+    args += ["--appendonly", "yes" if aof else "no", *extra]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+    wait_for_port(port)
+    return RedisProcess(port, proc, workdir, args)
+
+
+def gateway_settings(redis_url: str, **overrides: Any) -> GatewaySettings:
+    base: dict[str, Any] = {
+        "redis_url": redis_url,
+        "port": free_port(),
+        "models": ["sim-model"],
+        "worker_wait_s": 5.0,
+        "log_level": "warning",
+    }
+    return GatewaySettings(**{**base, **overrides})
+
+
+def worker_settings(redis_url: str, **overrides: Any) -> WorkerSettings:
+    base: dict[str, Any] = {
+        "redis_url": redis_url,
+        "model": "sim-model",
+        "engine": "sim",
+        "sim_ttft_ms": 5.0,
+        "sim_tokens_per_s": 500.0,
+        "heartbeat_s": 0.2,
+        "coalesce_ms": 2.0,
+        "log_level": "warning",
+    }
+    return WorkerSettings(**{**base, **overrides})
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(settings: GatewaySettings) -> AsyncIterator[str]:
+    """Serve the gateway in this event loop; yields its base URL (``http://host:port``)."""
+    config = uvicorn.Config(
+        create_app(settings), host="127.0.0.1", port=settings.port, log_config=None,
+        lifespan="on", timeout_graceful_shutdown=2,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{settings.port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: WorkerSettings) -> AsyncIterator[Worker]:
+    from shared.redis import connect
+
+    redis = connect(settings.redis_url)
+    worker = Worker(settings, redis, SimEngine(SimProfile.from_settings(settings)))
+    task = asyncio.create_task(worker.run())
+    while not await redis.hexists(worker.keys.workers, worker.id):
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        try:
+            await asyncio.wait_for(task, 10)
+        finally:
+            await redis.aclose()

@@ -1,0 +1,97 @@
+"""Coalesces one job's events into batches and writes them, fenced, to Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from shared.errors import LeaseLost
+from shared.jobs import Claimed, JobStore
+from shared.models import (
+    DoneEvent,
+    ErrorEvent,
+    Event,
+    EventBatch,
+    JobState,
+    StartedEvent,
+    TokenEvent,
+    Usage,
+)
+
+
+class EventEmitter:
+    """Numbers a job's events and writes them in batches at most every ``interval_s``.
+
+    The first token goes out at once; tokens that arrive while a batch is being written, or
+    within ``interval_s`` of the previous write, ride in the next batch. Order is preserved
+    because one task writes. A write the store refuses (the fence moved: lease lost, job
+    cancelled) raises ``LeaseLost``.
+    """
+
+    def __init__(self, store: JobStore, claimed: Claimed, interval_s: float) -> None:
+        self.store = store
+        self.claimed = claimed
+        self.interval_s = interval_s
+        self.seq = claimed.seq
+        self.pending: list[Event] = []
+        self.pending_tokens = 0
+        self.last_write = 0.0
+        self._flusher: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._lost: LeaseLost | None = None
+
+    def _next(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    async def started(self, worker_id: str) -> None:
+        self.pending.append(StartedEvent(s=self._next(), worker=worker_id))
+        await self.flush()
+
+    async def token(self, text: str) -> None:
+        if self._lost is not None:
+            raise self._lost
+        self.pending.append(TokenEvent(s=self._next(), x=text))
+        self.pending_tokens += 1
+        wait = self.last_write + self.interval_s - time.monotonic()
+        if wait <= 0 and not self._lock.locked():
+            await self.flush()
+        elif self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_later(max(wait, 0.0)))
+
+    async def _flush_later(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            await self.flush()
+        except LeaseLost as lost:
+            self._lost = lost
+
+    async def flush(self, terminal: JobState | None = None) -> None:
+        async with self._lock:
+            if not self.pending:
+                return
+            batch, tokens = EventBatch(events=self.pending), self.pending_tokens
+            self.pending, self.pending_tokens = [], 0
+            self.last_write = time.monotonic()
+            ok = await self.store.emit(self.claimed, batch, new_tokens=tokens, terminal=terminal)
+            if not ok:
+                raise LeaseLost(self.claimed.job.id)
+
+    async def done(self, finish_reason: str, usage: Usage) -> None:
+        self.pending.append(
+            DoneEvent(s=self._next(), finish_reason=finish_reason, usage=usage)  # type: ignore[arg-type]
+        )
+        await self._finish(JobState.COMPLETED)
+
+    async def error(self, code: str, message: str, status: int) -> None:
+        self.pending.append(ErrorEvent(s=self._next(), code=code, message=message, status=status))
+        await self._finish(JobState.FAILED)
+
+    async def _finish(self, state: JobState) -> None:
+        if self._flusher is not None and not self._flusher.done():
+            self._flusher.cancel()
+        await self.flush(terminal=state)
+
+    async def aclose(self) -> None:
+        if self._flusher is not None and not self._flusher.done():
+            self._flusher.cancel()

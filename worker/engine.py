@@ -1,0 +1,66 @@
+"""The protocol every engine implements, and what the runner hands it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from shared.models import Job
+
+
+class EngineError(Exception):
+    """Generation failed; the job ends with an error event carrying ``code``."""
+
+    def __init__(self, message: str, *, code: str = "engine_error", status: int = 502) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """Generate ``job`` continuing after ``produced`` (empty unless this is a failover)."""
+
+    job: Job
+    produced: str = ""
+    produced_tokens: int = 0
+
+
+class Engine(Protocol):
+    name: str
+
+    async def start(self) -> None:
+        """Load the model or connect to the upstream."""
+
+    async def close(self) -> None:
+        """Free everything ``start`` took."""
+
+    def healthy(self) -> bool:
+        """False when the engine cannot serve now (the worker stops pulling, registry says so)."""
+
+    def has_room(self) -> bool:
+        """False while the engine is busy by its own measure (e.g. an upstream's queue)."""
+
+    def capacity(self) -> tuple[int, int] | None:
+        """``(capacity_tokens, max_seqs)`` the engine imposes, or None to use the settings."""
+
+    async def count_prompt_tokens(self, job: Job) -> int:
+        """Tokens the job's rendered prompt takes."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
+        """Yield the text of each new token; stop at ``max_tokens`` or end of sequence.
+
+        Closing the iterator (``aclose``) must stop generation before the next token.
+        """
+
+
+def render_transcript(job: Job) -> str:
+    """Chat as a plain transcript, for models without a chat template (base models)."""
+    if job.prompt is not None:
+        return job.prompt
+    lines = [f"{m.role.capitalize()}: {m.content}" for m in job.messages or []]
+    return "\n".join(lines) + "\nAssistant:"
+
+
+TRANSCRIPT_STOPS = ("\nUser:", "\nSystem:", "\nAssistant:")

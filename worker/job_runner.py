@@ -1,0 +1,108 @@
+"""Runs one claimed job: engine tokens -> stop sequences -> coalesced, fenced events."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+from shared.errors import LeaseLost
+from shared.jobs import Claimed, JobStore
+from shared.models import TokenEvent, Usage
+from worker.emitter import EventEmitter
+from worker.engine import Engine, EngineError, GenerationRequest
+from worker.stops import StopMatcher
+
+log = structlog.get_logger("slipstream.worker")
+
+
+@dataclass(slots=True)
+class Throughput:
+    """Tokens generated over a sliding window, for the registry's ``tokens_per_s``."""
+
+    window_s: float = 10.0
+    stamps: list[tuple[float, int]] = field(default_factory=list)
+    total: int = 0
+
+    def add(self, tokens: int) -> None:
+        self.total += tokens
+        self.stamps.append((time.monotonic(), tokens))
+
+    def rate(self) -> float:
+        cutoff = time.monotonic() - self.window_s
+        self.stamps = [s for s in self.stamps if s[0] >= cutoff]
+        return sum(n for _, n in self.stamps) / self.window_s
+
+
+@dataclass(slots=True)
+class JobOutcome:
+    state: str
+    tokens: int
+
+
+async def produced_so_far(store: JobStore, claimed: Claimed) -> str:
+    """Text already delivered for this job (non-empty only when it is being taken over)."""
+    if claimed.tokens_done == 0:
+        return ""
+    entries = await store.read_log(claimed.job.model, claimed.job.id)
+    return "".join(
+        e.x for entry in entries for e in entry.batch.events if isinstance(e, TokenEvent)
+    )
+
+
+async def run_job(
+    *,
+    store: JobStore,
+    engine: Engine,
+    claimed: Claimed,
+    worker_id: str,
+    coalesce_s: float,
+    throughput: Throughput,
+) -> JobOutcome:
+    """Generate ``claimed`` to its end; returns how it ended (``LeaseLost`` ends it quietly)."""
+    job = claimed.job
+    emitter = EventEmitter(store, claimed, coalesce_s)
+    tokens = 0
+    bound = log.bind(job_id=job.id, request_id=job.request_id, model=job.model)
+    try:
+        await emitter.started(worker_id)
+        produced = await produced_so_far(store, claimed)
+        prompt_tokens = await engine.count_prompt_tokens(job)
+        stops = StopMatcher(job.params.stop)
+        request = GenerationRequest(job, produced, claimed.tokens_done)
+        finish = "length"
+        stream = engine.generate(request)
+        try:
+            async for text in stream:
+                tokens += 1
+                throughput.add(1)
+                out = stops.feed(text)
+                if out:
+                    await emitter.token(out)
+                if stops.stopped:
+                    finish = "stop"
+                    break
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+        if finish == "length" and claimed.tokens_done + tokens < job.params.max_tokens:
+            finish = "stop"  # the engine ended the sequence itself
+        tail = stops.flush()
+        if tail:
+            await emitter.token(tail)
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=claimed.tokens_done + tokens)
+        await emitter.done(finish, usage)
+        bound.info("job_completed", tokens=tokens, finish_reason=finish)
+        return JobOutcome("completed", tokens)
+    except LeaseLost:
+        bound.info("job_fenced", tokens=tokens)
+        return JobOutcome("fenced", tokens)
+    except EngineError as exc:
+        bound.warning("job_failed", error=str(exc), code=exc.code)
+        try:
+            await emitter.error(exc.code, str(exc), exc.status)
+        except LeaseLost:
+            return JobOutcome("fenced", tokens)
+        return JobOutcome("failed", tokens)
+    finally:
+        await emitter.aclose()

@@ -1,0 +1,219 @@
+"""The worker process: pull loop, job tasks, heartbeat, cancellations and graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from contextlib import suppress
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared.jobs import Claimed, JobStore, now_ms
+from shared.keys import Keys
+from shared.models import Priority, WorkerInfo
+from worker.capacity import Capacity
+from worker.engine import Engine
+from worker.job_runner import Throughput, run_job
+from worker.registry import Registry, default_worker_id
+from worker.settings import WorkerSettings
+
+log = structlog.get_logger("slipstream.worker")
+
+
+class Worker:
+    """Pulls a model's jobs while it has capacity; each job runs as its own task."""
+
+    def __init__(self, settings: WorkerSettings, redis: Redis, engine: Engine) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.engine = engine
+        self.keys = Keys(settings.prefix)
+        self.store = JobStore(redis, self.keys, ttl_s=settings.job_log_ttl_s)
+        tokens, seqs = engine.capacity() or (settings.capacity_tokens, settings.max_seqs)
+        self.capacity = Capacity(tokens, seqs)
+        self.throughput = Throughput()
+        self.id = settings.worker_id or default_worker_id()
+        self.running: dict[str, tuple[asyncio.Task[object], Claimed]] = {}
+        self.stopping = asyncio.Event()
+        self.registry = Registry(redis, self.keys, self._info())
+        self.aging_ms = {
+            Priority.NORMAL: int(settings.aging_normal_s * 1000),
+            Priority.LOW: int(settings.aging_low_s * 1000),
+        }
+
+    def _info(self) -> WorkerInfo:
+        s = self.settings
+        return WorkerInfo(
+            id=self.id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            model=s.model,
+            engine=self.engine.name,
+            capacity_tokens=self.capacity.tokens,
+            max_seqs=self.capacity.seqs,
+            started_at_ms=now_ms(),
+            heartbeat_at_ms=now_ms(),
+            metrics_port=s.metrics_port,
+        )
+
+    # --- lifecycle ----------------------------------------------------------------------
+    async def run(self) -> None:
+        """Serve until ``stop()``; then drain within the grace period and leave the registry."""
+        await self.engine.start()
+        await self.heartbeat_once()
+        log.info("worker_started", worker_id=self.id, model=self.settings.model)
+        helpers = [
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._control_loop(), name="control"),
+        ]
+        try:
+            await self._pull_loop()
+            await self._drain()
+        finally:
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            with suppress(RedisError, OSError):
+                await self.registry.leave()
+            await self.engine.close()
+            log.info("worker_stopped", worker_id=self.id)
+
+    def stop(self) -> None:
+        """Stop pulling; ``run`` then drains in-flight jobs."""
+        self.stopping.set()
+
+    async def _drain(self) -> None:
+        tasks = [t for t, _ in self.running.values()]
+        if not tasks:
+            return
+        log.info("worker_draining", in_flight=len(tasks), grace_s=self.settings.drain_grace_s)
+        with suppress(RedisError, OSError):
+            await self.heartbeat_once(draining=True)
+        _, late = await asyncio.wait(tasks, timeout=self.settings.drain_grace_s)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+
+    # --- pulling ------------------------------------------------------------------------
+    async def _pull_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                await self._pull_once()
+            except (RedisError, OSError) as exc:
+                log.warning("pull_failed", error=str(exc))
+                await self._sleep_unless_stopping(0.5)
+
+    async def _pull_once(self) -> None:
+        cap = self.capacity
+        cap.arm()
+        if not cap.has_slot or not self.engine.healthy() or not self.engine.has_room():
+            await cap.wait_for_release(1.0)
+            return
+        result = await self.store.pull(
+            self.settings.model,
+            self.id,
+            free_tokens=cap.free_tokens,
+            idle=cap.idle,
+            lease_ms=int(self.settings.lease_s * 1000),
+            aging_ms=self.aging_ms,
+        )
+        if result.kind == "job" and result.claimed is not None:
+            self._start(result.claimed)
+        elif result.kind == "full":
+            await cap.wait_for_release(1.0)
+        elif result.kind == "empty":
+            await self._wait_for_work(result.last_ids)
+
+    async def _wait_for_work(self, last_ids: tuple[str, ...]) -> None:
+        """Block (no polling) until a job is added to one of the model's queues."""
+        streams = dict(zip(self.keys.queues(self.settings.model), last_ids, strict=True))
+        waiter = asyncio.create_task(
+            self.redis.xread(streams, count=1, block=self.settings.block_ms)
+        )
+        stopper = asyncio.create_task(self.stopping.wait())
+        done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if waiter not in done:
+            waiter.cancel()
+        with suppress(asyncio.CancelledError):
+            await waiter
+
+    async def _sleep_unless_stopping(self, seconds: float) -> None:
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+
+    def _start(self, claimed: Claimed) -> None:
+        cost = claimed.job.cost_tokens
+        self.capacity.reserve(cost)
+        task = asyncio.create_task(self._run(claimed), name=f"job-{claimed.job.id}")
+        self.running[claimed.job.id] = (task, claimed)
+
+    async def _run(self, claimed: Claimed) -> object:
+        try:
+            return await run_job(
+                store=self.store,
+                engine=self.engine,
+                claimed=claimed,
+                worker_id=self.id,
+                coalesce_s=self.settings.coalesce_ms / 1000,
+                throughput=self.throughput,
+            )
+        except asyncio.CancelledError:
+            log.info("job_cancelled", job_id=claimed.job.id)
+            return None
+        except Exception:
+            log.exception("job_crashed", job_id=claimed.job.id)
+            return None
+        finally:
+            self.running.pop(claimed.job.id, None)
+            self.capacity.release(claimed.job.cost_tokens)
+
+    # --- heartbeat and control ----------------------------------------------------------
+    async def heartbeat_once(self, **changes: object) -> None:
+        leases = {jid: c.fence for jid, (_, c) in self.running.items()}
+        lease_ms = int(self.settings.lease_s * 1000)
+        held = await self.store.renew(self.settings.model, leases, lease_ms)
+        for job_id, ours in held.items():
+            if not ours and job_id in self.running:
+                self.running[job_id][0].cancel()
+        await self.registry.beat(
+            tokens_in_use=self.capacity.tokens_in_use,
+            seqs_in_use=self.capacity.seqs_in_use,
+            tokens_per_s=round(self.throughput.rate(), 3),
+            healthy=self.engine.healthy(),
+            draining=self.stopping.is_set(),
+            **changes,
+        )
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            try:
+                await self.heartbeat_once()
+            except (RedisError, OSError) as exc:
+                log.warning("heartbeat_failed", error=str(exc))
+
+    async def _control_loop(self) -> None:
+        """Cancel running jobs the gateway cancelled (``cancel <job id>`` messages)."""
+        channel = self.keys.control_channel(self.settings.model)
+        while True:
+            try:
+                async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(channel)
+                    while True:
+                        message = await pubsub.get_message(timeout=1.0)
+                        if message is not None:
+                            self._on_control(message)
+            except (RedisError, OSError) as exc:
+                log.warning("control_channel_lost", error=str(exc))
+                await asyncio.sleep(0.5)
+
+    def _on_control(self, message: dict[str, object]) -> None:
+        if message.get("type") != "message":
+            return
+        verb, _, job_id = str(message.get("data", "")).partition(" ")
+        if verb == "cancel" and job_id in self.running:
+            self.running[job_id][0].cancel()
