@@ -164,7 +164,7 @@ def build_job(
     return Job(
         id=uuid.uuid4().hex,
         model=body.model,
-        kind=kind,  # type: ignore[arg-type]
+        kind=kind,
         messages=messages,
         prompt=prompt,
         params=SamplingParams(

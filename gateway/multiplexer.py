@@ -61,7 +61,7 @@ class PubSubMultiplexer:
                 await self._task
         if self.pubsub is not None:
             with contextlib.suppress(RedisError, OSError):
-                await self.pubsub.aclose()
+                await self.pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _connect(self) -> None:
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
@@ -106,7 +106,7 @@ class PubSubMultiplexer:
         old, self.pubsub = self.pubsub, None
         if old is not None:
             with contextlib.suppress(RedisError, OSError):
-                await old.aclose()
+                await old.aclose()  # type: ignore[no-untyped-call]
         delay = 0.05
         while True:
             try:

@@ -13,13 +13,14 @@ from shared.models import WorkerInfo
 async def live_workers(redis: Redis, keys: Keys, ttl_s: float) -> list[WorkerInfo]:
     """Workers whose last heartbeat is younger than ``ttl_s`` (shared by status tools)."""
     cutoff = int((time.time() - ttl_s) * 1000)
-    ids = await redis.zrangebyscore(keys.workers_seen, cutoff, "+inf")
+    ids: list[str] = await redis.zrangebyscore(keys.workers_seen, cutoff, "+inf")
     if not ids:
         return []
-    rows = await redis.hmget(keys.workers, ids)
+    rows: list[str | None] = await redis.hmget(keys.workers, ids)  # type: ignore[misc]
     return [WorkerInfo.model_validate_json(r) for r in rows if r]
 
 
 async def known_models(redis: Redis, keys: Keys) -> set[str]:
     """Every model a worker has ever served."""
-    return {str(m) for m in await redis.smembers(keys.models)}
+    members: set[str] = await redis.smembers(keys.models)  # type: ignore[misc]
+    return {str(m) for m in members}

@@ -99,7 +99,7 @@ class JobStore:
         return None if model is None else str(model)
 
     async def state(self, model: str, job_id: str) -> dict[str, str]:
-        result: dict[str, str] = await self.redis.hgetall(self.keys.job(model, job_id))
+        result: dict[str, str] = await self.redis.hgetall(self.keys.job(model, job_id))  # type: ignore[misc]
         return result
 
     async def read_log(

@@ -23,7 +23,7 @@ def connect(
     a Redis restart does not arrive as one herd.
     """
     retry = Retry(EqualJitterBackoff(cap=2.0, base=0.05), retries=6)
-    return Redis.from_url(
+    client: Redis = Redis.from_url(
         url,
         decode_responses=True,
         socket_timeout=socket_timeout,
@@ -34,3 +34,4 @@ def connect(
         max_connections=max_connections,
         client_name=client_name,
     )
+    return client

@@ -99,8 +99,12 @@ def worker_settings(redis_url: str, **overrides: Any) -> WorkerSettings:
 async def running_gateway(settings: GatewaySettings) -> AsyncIterator[str]:
     """Serve the gateway in this event loop; yields its base URL (``http://host:port``)."""
     config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=settings.port, log_config=None,
-        lifespan="on", timeout_graceful_shutdown=2,
+        create_app(settings),
+        host="127.0.0.1",
+        port=settings.port,
+        log_config=None,
+        lifespan="on",
+        timeout_graceful_shutdown=2,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
@@ -134,3 +138,49 @@ async def running_worker(settings: WorkerSettings) -> AsyncIterator[Worker]:
             await asyncio.wait_for(task, 10)
         finally:
             await redis.aclose()
+
+
+def make_job(
+    model: str = "sim-model",
+    *,
+    max_tokens: int = 8,
+    priority: str = "normal",
+    prompt: str = "hello",
+    deadline_ms: int | None = None,
+) -> Any:
+    """A completion job as the gateway would build it."""
+    import uuid
+
+    from shared.jobs import now_ms
+    from shared.models import Job, Priority, SamplingParams
+
+    now = now_ms()
+    return Job(
+        id=uuid.uuid4().hex,
+        model=model,
+        kind="completion",
+        prompt=prompt,
+        params=SamplingParams(max_tokens=max_tokens, temperature=0.0),
+        priority=Priority(priority),
+        enqueued_at_ms=now,
+        deadline_at_ms=None if deadline_ms is None else now + deadline_ms,
+        prompt_tokens_estimate=2,
+        request_id=uuid.uuid4().hex,
+    )
+
+
+async def wait_state(store: Any, job: Any, states: set[str], timeout: float = 10.0) -> str:
+    """Poll the job's state until it is one of ``states``."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        state = (await store.state(job.model, job.id)).get("state", "")
+        if state in states:
+            return str(state)
+        await asyncio.sleep(0.01)
+    raise TimeoutError(f"job {job.id} did not reach {states}")
+
+
+async def started_at_ms(store: Any, job: Any) -> int:
+    """When a worker started the job: the stream id of its first logged event."""
+    entries = await store.read_log(job.model, job.id, count=1)
+    return int(entries[0].stream_id.split("-")[0])

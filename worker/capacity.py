@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 
 class Capacity:
@@ -47,7 +48,5 @@ class Capacity:
 
     async def wait_for_release(self, timeout: float) -> None:
         """Return when capacity was released since ``arm``, or after ``timeout`` seconds."""
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout)
-        except TimeoutError:
-            pass

@@ -78,9 +78,7 @@ class EventEmitter:
                 raise LeaseLost(self.claimed.job.id)
 
     async def done(self, finish_reason: str, usage: Usage) -> None:
-        self.pending.append(
-            DoneEvent(s=self._next(), finish_reason=finish_reason, usage=usage)  # type: ignore[arg-type]
-        )
+        self.pending.append(DoneEvent(s=self._next(), finish_reason=finish_reason, usage=usage))
         await self._finish(JobState.COMPLETED)
 
     async def error(self, code: str, message: str, status: int) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 from contextlib import suppress
+from typing import Any
 
 import structlog
 from redis.asyncio import Redis
@@ -129,10 +130,9 @@ class Worker:
 
     async def _wait_for_work(self, last_ids: tuple[str, ...]) -> None:
         """Block (no polling) until a job is added to one of the model's queues."""
-        streams = dict(zip(self.keys.queues(self.settings.model), last_ids, strict=True))
-        waiter = asyncio.create_task(
-            self.redis.xread(streams, count=1, block=self.settings.block_ms)
-        )
+        streams: Any = dict(zip(self.keys.queues(self.settings.model), last_ids, strict=True))
+        read = self.redis.xread(streams, count=1, block=self.settings.block_ms)
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(read)
         stopper = asyncio.create_task(self.stopping.wait())
         done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
@@ -179,14 +179,14 @@ class Worker:
         for job_id, ours in held.items():
             if not ours and job_id in self.running:
                 self.running[job_id][0].cancel()
-        await self.registry.beat(
-            tokens_in_use=self.capacity.tokens_in_use,
-            seqs_in_use=self.capacity.seqs_in_use,
-            tokens_per_s=round(self.throughput.rate(), 3),
-            healthy=self.engine.healthy(),
-            draining=self.stopping.is_set(),
-            **changes,
-        )
+        fields: dict[str, object] = {
+            "tokens_in_use": self.capacity.tokens_in_use,
+            "seqs_in_use": self.capacity.seqs_in_use,
+            "tokens_per_s": round(self.throughput.rate(), 3),
+            "healthy": self.engine.healthy(),
+            "draining": self.stopping.is_set(),
+        }
+        await self.registry.beat(**{**fields, **changes})
 
     async def _heartbeat_loop(self) -> None:
         while True:

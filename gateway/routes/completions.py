@@ -37,8 +37,10 @@ async def generate(request: Request, kind: Kind) -> Response:
     state = gateway_state(request)
     if state.draining:
         raise ShuttingDown("the gateway is shutting down; retry on another replica")
-    schema = ChatCompletionRequest if kind == "chat" else CompletionRequest
-    body = parse(schema, await read_json(request, state.settings.max_body_bytes))
+    data = await read_json(request, state.settings.max_body_bytes)
+    body: ChatCompletionRequest | CompletionRequest = (
+        parse(ChatCompletionRequest, data) if kind == "chat" else parse(CompletionRequest, data)
+    )
     job = build_job(request, body, state.settings)
     await ensure_known_model(state, job.model)
     headers = {"X-Request-Id": job.request_id, "X-Slipstream-Job-Id": job.id}

@@ -1,0 +1,144 @@
+"""Bad input gets a 4xx in the OpenAI envelope and leaves no trace in the queues."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from shared.keys import Keys
+from shared.models import Priority
+from tests.helpers import gateway_settings, running_gateway
+
+MSG = [{"role": "user", "content": "hi"}]
+CHAT_CASES: list[tuple[str, Any, int, str | None]] = [
+    ("malformed json", b'{"model": "sim-model", "messages": [', 400, None),
+    ("not an object", b"[1, 2]", 400, None),
+    ("empty body", b"", 400, None),
+    ("non utf-8", b'{"model": "sim-model\xff"}', 400, None),
+    ("nan temperature", b'{"model":"sim-model","messages":[],"temperature":NaN}', 400, None),
+    ("wrong type", {"model": "sim-model", "messages": "hi"}, 400, "messages"),
+    ("unknown model", {"model": "nope", "messages": MSG}, 404, "model"),
+    ("n=2", {"model": "sim-model", "messages": MSG, "n": 2}, 400, "n"),
+    (
+        "negative max_tokens",
+        {"model": "sim-model", "messages": MSG, "max_tokens": -1},
+        400,
+        "max_tokens",
+    ),
+    (
+        "huge max_tokens",
+        {"model": "sim-model", "messages": MSG, "max_tokens": 10**6},
+        400,
+        "max_tokens",
+    ),
+    ("unsupported field", {"model": "sim-model", "messages": MSG, "tools": []}, 400, "tools"),
+    (
+        "penalty",
+        {"model": "sim-model", "messages": MSG, "presence_penalty": 1.0},
+        400,
+        "presence_penalty",
+    ),
+    (
+        "bad priority",
+        {"model": "sim-model", "messages": MSG, "priority": "urgent"},
+        400,
+        "priority",
+    ),
+    (
+        "negative deadline",
+        {"model": "sim-model", "messages": MSG, "deadline_ms": -5},
+        400,
+        "deadline_ms",
+    ),
+    (
+        "nul byte",
+        {"model": "sim-model", "messages": [{"role": "user", "content": "a\u0000"}]},
+        400,
+        "messages[0].content",
+    ),
+    ("no messages", {"model": "sim-model", "messages": []}, 400, "messages"),
+    (
+        "too many stops",
+        {"model": "sim-model", "messages": MSG, "stop": list("abcdef")},
+        400,
+        "stop",
+    ),
+    (
+        "string as temperature",
+        {"model": "sim-model", "messages": MSG, "temperature": "1"},
+        400,
+        "temperature",
+    ),
+]
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with (
+        running_gateway(gateway_settings(redis_url, max_body_bytes=4096)) as base,
+        httpx.AsyncClient(base_url=base, timeout=10) as http,
+    ):
+        yield http
+
+
+async def queued(redis: Redis) -> int:
+    return sum([await redis.xlen(Keys().queue("sim-model", p)) for p in Priority.ordered()])
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "status", "param"), CHAT_CASES, ids=[c[0] for c in CHAT_CASES]
+)
+async def test_bad_chat_request(
+    client: httpx.AsyncClient, redis: Redis, name: str, body: Any, status: int, param: str | None
+) -> None:
+    kwargs: dict[str, Any] = {"content": body} if isinstance(body, bytes) else {"json": body}
+    response = await client.post(
+        "/v1/chat/completions", headers={"Content-Type": "application/json"}, **kwargs
+    )
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param
+    assert "Traceback" not in response.text
+    assert await queued(redis) == 0
+
+
+@pytest.mark.parametrize(
+    ("headers", "param"),
+    [
+        ({"X-Priority": "urgent"}, "X-Priority"),
+        ({"X-Deadline-Ms": "-1"}, "X-Deadline-Ms"),
+        ({"X-Deadline-Ms": "soon"}, "X-Deadline-Ms"),
+    ],
+)
+async def test_bad_extension_headers(
+    client: httpx.AsyncClient, redis: Redis, headers: dict[str, str], param: str
+) -> None:
+    response = await client.post(
+        "/v1/chat/completions", json={"model": "sim-model", "messages": MSG}, headers=headers
+    )
+    assert response.status_code == 400 and response.json()["error"]["param"] == param
+    assert await queued(redis) == 0
+
+
+async def test_body_too_large_is_413(client: httpx.AsyncClient, redis: Redis) -> None:
+    big = {"model": "sim-model", "messages": [{"role": "user", "content": "x" * 10_000}]}
+    response = await client.post("/v1/chat/completions", json=big)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "payload_too_large"
+    assert await queued(redis) == 0
+
+
+async def test_unknown_route_is_enveloped_404(client: httpx.AsyncClient) -> None:
+    response = await client.get("/v1/nothing")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+async def test_health_and_ready(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).status_code == 200

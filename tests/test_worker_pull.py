@@ -1,0 +1,121 @@
+"""The worker's pull loop against real Redis: priority, aging, capacity, speed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from redis.asyncio import Redis
+
+from shared.jobs import JobStore
+from shared.keys import Keys
+from shared.models import Job, WorkerInfo
+from tests.helpers import make_job, running_worker, started_at_ms, wait_state, worker_settings
+
+DONE = {"completed"}
+
+
+def store_for(redis: Redis) -> JobStore:
+    return JobStore(redis, Keys(), ttl_s=600)
+
+
+async def states(store: JobStore, jobs: list[Job]) -> list[str]:
+    return [(await store.state(j.model, j.id)).get("state", "") for j in jobs]
+
+
+async def test_priority_order_high_normal_low(redis: Redis, redis_url: str) -> None:
+    store = store_for(redis)
+    settings = worker_settings(redis_url, max_seqs=1, sim_tokens_per_s=200.0)
+    async with running_worker(settings):
+        blocker = make_job(max_tokens=30)
+        await store.enqueue(blocker)
+        await wait_state(store, blocker, {"running"})
+        low, normal, high = (make_job(priority=p) for p in ("low", "normal", "high"))
+        for job in (low, normal, high):
+            await store.enqueue(job)
+        for job in (low, normal, high):
+            await wait_state(store, job, DONE)
+        starts = [await started_at_ms(store, j) for j in (high, normal, low)]
+        assert starts == sorted(starts)
+
+
+async def test_aging_serves_low_within_bound(redis: Redis, redis_url: str) -> None:
+    store = store_for(redis)
+    settings = worker_settings(redis_url, max_seqs=1, sim_tokens_per_s=200.0, aging_low_s=0.3)
+    async with running_worker(settings):
+        low = make_job(priority="low", max_tokens=4)
+        highs = [make_job(priority="high", max_tokens=10) for _ in range(40)]
+        await store.enqueue(highs[0])
+        await store.enqueue(low)
+        for job in highs[1:]:
+            await store.enqueue(job)
+        await wait_state(store, low, DONE, timeout=20)
+        low_start = await started_at_ms(store, low)
+        assert low_start - low.enqueued_at_ms < 300 + 200  # bound + one job's duration
+        assert "queued" in await states(store, highs), "low must overtake queued high jobs"
+
+
+async def test_capacity_never_exceeded(redis: Redis, redis_url: str) -> None:
+    store = store_for(redis)
+    settings = worker_settings(redis_url, capacity_tokens=100, max_seqs=8, heartbeat_s=0.05)
+    async with running_worker(settings) as worker:
+        jobs = [make_job(max_tokens=30) for _ in range(15)]  # cost 32 each: three fit
+        for job in jobs:
+            await store.enqueue(job)
+        peak_local = peak_registry = 0
+        while set(await states(store, jobs)) != {"completed"}:
+            peak_local = max(peak_local, worker.capacity.tokens_in_use)
+            info = await redis.hget(worker.keys.workers, worker.id)
+            assert info is not None
+            peak_registry = max(peak_registry, WorkerInfo.model_validate_json(info).tokens_in_use)
+            await asyncio.sleep(0.005)
+        assert peak_local == 96 and 0 < peak_registry <= 100
+
+
+async def test_full_worker_takes_nothing(redis: Redis, redis_url: str) -> None:
+    store = store_for(redis)
+    settings = worker_settings(redis_url, capacity_tokens=50, sim_tokens_per_s=100.0)
+    async with running_worker(settings):
+        big = make_job(max_tokens=40)
+        second = make_job(max_tokens=40)
+        await store.enqueue(big)
+        await wait_state(store, big, {"running"})
+        await store.enqueue(second)
+        await asyncio.sleep(0.15)
+        assert (await store.state(second.model, second.id))["state"] == "queued"
+        groups = await redis.xinfo_groups(Keys().queue("sim-model", second.priority))
+        assert groups[0]["lag"] == 1 and groups[0]["pending"] == 1
+        await wait_state(store, second, DONE)
+
+
+async def test_oversized_job_runs_alone_when_idle(redis: Redis, redis_url: str) -> None:
+    store = store_for(redis)
+    async with running_worker(worker_settings(redis_url, capacity_tokens=10)):
+        job = make_job(max_tokens=20)
+        await store.enqueue(job)
+        await wait_state(store, job, DONE)
+
+
+async def test_faster_worker_takes_proportionally_more(redis: Redis, redis_url: str) -> None:
+    store = store_for(redis)
+    fast = worker_settings(redis_url, max_seqs=2, sim_tokens_per_s=400.0, worker_id="fast")
+    slow = worker_settings(redis_url, max_seqs=2, sim_tokens_per_s=80.0, worker_id="slow")
+    async with running_worker(fast), running_worker(slow):
+        jobs = [make_job(max_tokens=16) for _ in range(40)]
+        for job in jobs:
+            await store.enqueue(job)
+        for job in jobs:
+            await wait_state(store, job, DONE, timeout=30)
+        owners = [(await store.state(j.model, j.id))["owner"] for j in jobs]
+    assert owners.count("fast") >= 3 * owners.count("slow") > 0
+
+
+async def test_idle_worker_picks_up_within_milliseconds(redis: Redis, redis_url: str) -> None:
+    store = store_for(redis)
+    async with running_worker(worker_settings(redis_url, sim_ttft_ms=0.0)):
+        await asyncio.sleep(0.3)  # the worker is now blocked in XREAD
+        job = make_job(max_tokens=1)
+        t0 = time.time()
+        await store.enqueue(job)
+        await wait_state(store, job, {"running", "completed"})
+        assert await started_at_ms(store, job) - t0 * 1000 < 100
