@@ -61,8 +61,15 @@ class JobStore:
             pipe.set(k.job_index(job.id), job.model, px=self.ttl_ms)
             await pipe.execute()
         entry = await self._enqueue(
-            keys=[k.job(job.model, job.id), k.queue(job.model, job.priority)],
-            args=[job.id, job.model_dump_json(), job.cost_tokens, self.ttl_ms, CONSUMER_GROUP],
+            keys=[k.job(job.model, job.id), k.queue(job.model, job.priority), k.backlog(job.model)],
+            args=[
+                job.id,
+                job.model_dump_json(),
+                job.cost_tokens,
+                self.ttl_ms,
+                CONSUMER_GROUP,
+                job.priority.value,
+            ],
         )
         return str(entry)
 
@@ -185,4 +192,21 @@ def decode_events(data: str) -> list[Event]:
     return EventBatch.model_validate_json(data).events
 
 
-__all__ = ["Claimed", "JobStore", "LogEntry", "PullResult", "decode_events", "now_ms"]
+__all__ = [
+    "Claimed",
+    "JobStore",
+    "LogEntry",
+    "PullResult",
+    "decode_events",
+    "now_ms",
+    "read_backlog",
+]
+
+
+async def read_backlog(redis: Redis, keys: Keys, model: str) -> dict[Priority, tuple[int, int]]:
+    """Queued (tokens, jobs) per priority for ``model``: what admission weighs a request against."""
+    raw: dict[str, str] = await redis.hgetall(keys.backlog(model))  # type: ignore[misc]
+    return {
+        p: (int(raw.get(f"{p.value}:tokens", 0)), int(raw.get(f"{p.value}:jobs", 0)))
+        for p in Priority.ordered()
+    }

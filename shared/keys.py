@@ -29,6 +29,10 @@ class Keys:
         """The model's queues, highest priority first."""
         return [self.queue(model, p) for p in Priority.ordered()]
 
+    def backlog(self, model: str) -> str:
+        """Hash: ``<priority>:tokens`` and ``<priority>:jobs`` of jobs still queued (admission)."""
+        return f"{self.prefix}:{{{model}}}:backlog"
+
     def dead_letter(self, model: str) -> str:
         """Stream of jobs that failed too many deliveries (poison jobs)."""
         return f"{self.prefix}:{{{model}}}:dead"

@@ -15,6 +15,15 @@ end
 local function error_batch(seq, code, message, status)
   return cjson.encode({v=1, events={{t='error', s=seq, code=code, message=message, status=status}}})
 end
+local function unqueue(job)
+  -- the job leaves state 'queued': take its cost off the model's backlog
+  local backlog = string.gsub(job, ':job:.*$', ':backlog')
+  local prio, cost = redis.call('HGET', job, 'prio'), redis.call('HGET', job, 'cost')
+  if prio and cost then
+    redis.call('HINCRBY', backlog, prio .. ':tokens', -tonumber(cost))
+    redis.call('HINCRBY', backlog, prio .. ':jobs', -1)
+  end
+end
 local function finish_entry(job, group)
   local q = redis.call('HGET', job, 'queue')
   local entry = redis.call('HGET', job, 'entry')
@@ -25,15 +34,17 @@ local function finish_entry(job, group)
 end
 """
 
-# KEYS: job hash, queue stream.  ARGV: job id, payload, cost, ttl ms, group.
+# KEYS: job hash, queue stream, backlog hash.  ARGV: job id, payload, cost, ttl ms, group, priority.
 ENQUEUE = r"""
 if redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[5], '0', 'MKSTREAM')
 end
 local entry = redis.call('XADD', KEYS[2], '*', 'job', ARGV[1], 'cost', ARGV[3])
 redis.call('HSET', KEYS[1], 'state', 'queued', 'payload', ARGV[2], 'seq', 0, 'fence', 0,
-  'deliveries', 0, 'ntok', 0, 'queue', KEYS[2], 'entry', entry, 'cost', ARGV[3])
+  'deliveries', 0, 'ntok', 0, 'queue', KEYS[2], 'entry', entry, 'cost', ARGV[3], 'prio', ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('HINCRBY', KEYS[3], ARGV[6] .. ':tokens', ARGV[3])
+redis.call('HINCRBY', KEYS[3], ARGV[6] .. ':jobs', 1)
 return entry
 """
 
@@ -97,12 +108,14 @@ local payload = redis.call('HGET', job, 'payload')
 local deadline = cjson.decode(payload)['deadline_at_ms']
 if deadline ~= cjson.null and deadline ~= nil and tonumber(deadline) <= now then
   local seq = tonumber(redis.call('HGET', job, 'seq')) + 1
+  unqueue(job)
   redis.call('HSET', job, 'state', 'expired', 'seq', seq)
   emit(job .. ':log', job .. ':events',
     error_batch(seq, 'deadline_exceeded', 'the deadline passed while the job was queued', 504), ttl)
   finish_entry(job, group)
   return {'skipped', job_id, 'expired'}
 end
+unqueue(job)
 local fence = redis.call('HINCRBY', job, 'fence', 1)
 redis.call('HINCRBY', job, 'deliveries', 1)
 redis.call('HSET', job, 'state', 'running', 'owner', consumer, 'lease_until', now + lease)
@@ -142,6 +155,7 @@ local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
 if state ~= 'queued' and state ~= 'running' then return state end
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq')) + 1
+if state == 'queued' then unqueue(KEYS[1]) end
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'seq', seq)
 emit(KEYS[2], ARGV[1], error_batch(seq, ARGV[3], ARGV[4], tonumber(ARGV[5])), tonumber(ARGV[6]))
 finish_entry(KEYS[1], ARGV[7])

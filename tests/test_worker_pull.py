@@ -119,3 +119,20 @@ async def test_idle_worker_picks_up_within_milliseconds(redis: Redis, redis_url:
         await store.enqueue(job)
         await wait_state(store, job, {"running", "completed"})
         assert await started_at_ms(store, job) - t0 * 1000 < 100
+
+
+async def test_backlog_counts_only_queued_jobs(redis: Redis, redis_url: str) -> None:
+    from shared.jobs import read_backlog
+    from shared.models import Priority
+
+    store = store_for(redis)
+    jobs = [make_job(max_tokens=10, priority="high") for _ in range(3)]
+    for job in jobs:
+        await store.enqueue(job)
+    assert (await read_backlog(redis, Keys(), "sim-model"))[Priority.HIGH] == (36, 3)
+    await store.cancel("sim-model", jobs[0].id)
+    assert (await read_backlog(redis, Keys(), "sim-model"))[Priority.HIGH] == (24, 2)
+    async with running_worker(worker_settings(redis_url)):
+        for job in jobs[1:]:
+            await wait_state(store, job, DONE)
+    assert (await read_backlog(redis, Keys(), "sim-model"))[Priority.HIGH] == (0, 0)
