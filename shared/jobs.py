@@ -31,7 +31,8 @@ class Claimed:
 class PullResult:
     kind: Literal["empty", "full", "skipped", "job"]
     claimed: Claimed | None = None
-    last_ids: tuple[str, ...] = ()
+    last_ids: tuple[str, ...] = ()  # of the queues, then the wake stream ('empty' only)
+    next_lease_ms: int = -1  # until the next lease expires ('empty' only; -1: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,7 @@ class JobStore:
         self._emit = redis.register_script(lua.EMIT)
         self._cancel = redis.register_script(lua.CANCEL)
         self._renew = redis.register_script(lua.RENEW)
+        self._handback = redis.register_script(lua.HANDBACK)
 
     # --- gateway side -------------------------------------------------------------------
     async def enqueue(self, job: Job) -> str:
@@ -86,9 +88,10 @@ class JobStore:
         """Move a queued or running job to a terminal state; returns the state it ends in."""
         k = self.keys
         result = await self._cancel(
-            keys=[k.job(model, job_id), k.job_log(model, job_id)],
+            keys=[k.job(model, job_id)],
             args=[
-                k.job_channel(model, job_id),
+                k.model_prefix(model),
+                job_id,
                 state.value,
                 code,
                 message,
@@ -96,7 +99,6 @@ class JobStore:
                 self.ttl_ms,
                 CONSUMER_GROUP,
                 k.control_channel(model),
-                job_id,
             ],
         )
         return str(result)
@@ -127,6 +129,7 @@ class JobStore:
         idle: bool,
         lease_ms: int,
         aging_ms: dict[Priority, int],
+        max_deliveries: int,
     ) -> PullResult:
         k = self.keys
         args: list[Any] = [
@@ -135,15 +138,17 @@ class JobStore:
             now_ms(),
             free_tokens,
             1 if idle else 0,
-            k.job(model, ""),
+            k.model_prefix(model),
             lease_ms,
             self.ttl_ms,
+            max_deliveries,
         ]
         args += [aging_ms.get(p, 0) for p in Priority.ordered()]
-        reply = await self._pull(keys=k.queues(model), args=args)
+        reply = await self._pull(keys=[*k.queues(model), k.wake(model)], args=args)
         kind = reply[0]
         if kind == "empty":
-            return PullResult("empty", last_ids=tuple(str(x) for x in reply[1:]))
+            last = tuple(str(x) for x in reply[2:])
+            return PullResult("empty", last_ids=last, next_lease_ms=int(reply[1]))
         if kind != "job":
             return PullResult(kind)
         _, _job_id, payload, fence, seq, ntok = reply
@@ -172,6 +177,8 @@ class JobStore:
                 self.ttl_ms,
                 terminal.value if terminal else "",
                 CONSUMER_GROUP,
+                k.model_prefix(job.model),
+                job.id,
             ],
         )
         return bool(ok)
@@ -181,11 +188,21 @@ class JobStore:
         if not leases:
             return {}
         ids = list(leases)
+        pairs: list[Any] = [x for i in ids for x in (i, leases[i])]
         reply = await self._renew(
-            keys=[self.keys.job(model, i) for i in ids],
-            args=[now_ms() + lease_ms, *[leases[i] for i in ids]],
+            keys=[self.keys.leases(model), *[self.keys.job(model, i) for i in ids]],
+            args=[now_ms() + lease_ms, *pairs],
         )
         return {i: bool(r) for i, r in zip(ids, reply, strict=True)}
+
+    async def handback(self, claimed: Claimed) -> bool:
+        """Give a job back for immediate takeover by another worker (graceful drain)."""
+        job, k = claimed.job, self.keys
+        ok = await self._handback(
+            keys=[k.job(job.model, job.id), k.leases(job.model), k.wake(job.model)],
+            args=[claimed.fence, job.id],
+        )
+        return bool(ok)
 
 
 def decode_events(data: str) -> list[Event]:

@@ -21,9 +21,21 @@ class Keys:
     prefix: str = "slip"
 
     # --- per model -----------------------------------------------------------------------
+    def model_prefix(self, model: str) -> str:
+        """``slip:{model}:``: every per-model key starts with it (Lua scripts derive keys)."""
+        return f"{self.prefix}:{{{model}}}:"
+
     def queue(self, model: str, priority: Priority) -> str:
         """Stream of job ids waiting for a worker (one per model and priority)."""
         return f"{self.prefix}:{{{model}}}:queue:{priority.value}"
+
+    def leases(self, model: str) -> str:
+        """Sorted set: running job id scored by its lease end (ms); expired = take over."""
+        return f"{self.prefix}:{{{model}}}:leases"
+
+    def wake(self, model: str) -> str:
+        """Stream idle workers also block on: a draining worker's hand-back wakes them."""
+        return f"{self.prefix}:{{{model}}}:wake"
 
     def queues(self, model: str) -> list[str]:
         """The model's queues, highest priority first."""

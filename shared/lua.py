@@ -1,11 +1,15 @@
 """Lua scripts that move a job between states atomically.
 
-Each script touches keys of one model only (they share the ``{model}`` hash tag), so they run
-on Redis Cluster too. Job keys are derived inside the scripts from ``job_prefix`` (always the
-same tagged prefix), which keeps the queue-head peek and the claim in one atomic step.
+Every script touches keys of one model only. They share the ``{model}`` hash tag, so the
+scripts run on Redis Cluster too; keys inside a script are derived from the model prefix
+(``slip:{model}:``, the same tag), which keeps "look at the queue head, then claim it" atomic.
+
+Job states: queued -> running -> completed | failed; queued|running -> cancelled | expired.
+``fence`` grows on every claim; a write must carry the current fence (zombie fencing).
+``leases`` (a sorted set, score = lease end in ms) is how expired jobs are found for takeover.
 """
 
-# Shared helpers prepended to every script.
+# Shared helpers prepended to the scripts.
 _HELPERS = r"""
 local function emit(log, channel, batch, ttl)
   redis.call('XADD', log, '*', 'e', batch)
@@ -15,26 +19,49 @@ end
 local function error_batch(seq, code, message, status)
   return cjson.encode({v=1, events={{t='error', s=seq, code=code, message=message, status=status}}})
 end
-local function unqueue(job)
+local function unqueue(mp, job)
   -- the job leaves state 'queued': take its cost off the model's backlog
-  local backlog = string.gsub(job, ':job:.*$', ':backlog')
   local prio, cost = redis.call('HGET', job, 'prio'), redis.call('HGET', job, 'cost')
   if prio and cost then
-    redis.call('HINCRBY', backlog, prio .. ':tokens', -tonumber(cost))
-    redis.call('HINCRBY', backlog, prio .. ':jobs', -1)
+    redis.call('HINCRBY', mp .. 'backlog', prio .. ':tokens', -tonumber(cost))
+    redis.call('HINCRBY', mp .. 'backlog', prio .. ':jobs', -1)
   end
 end
-local function finish_entry(job, group)
-  local q = redis.call('HGET', job, 'queue')
-  local entry = redis.call('HGET', job, 'entry')
+local function finish(mp, id, state, group)
+  -- terminal: record the state, drop the queue entry (acked first) and the lease
+  local job = mp .. 'job:' .. id
+  redis.call('HSET', job, 'state', state)
+  local q, entry = redis.call('HGET', job, 'queue'), redis.call('HGET', job, 'entry')
   if q and entry then
     redis.call('XACK', q, group, entry)
     redis.call('XDEL', q, entry)
   end
+  redis.call('ZREM', mp .. 'leases', id)
+end
+local function fail(mp, id, state, code, message, status, group, ttl)
+  local job = mp .. 'job:' .. id
+  local seq = tonumber(redis.call('HGET', job, 'seq')) + 1
+  redis.call('HSET', job, 'seq', seq)
+  emit(job .. ':log', job .. ':events', error_batch(seq, code, message, status), ttl)
+  finish(mp, id, state, group)
+end
+local function claim(mp, id, consumer, now, lease)
+  local job = mp .. 'job:' .. id
+  local fence = redis.call('HINCRBY', job, 'fence', 1)
+  redis.call('HINCRBY', job, 'deliveries', 1)
+  redis.call('HSET', job, 'state', 'running', 'owner', consumer, 'lease_until', now + lease)
+  redis.call('ZADD', mp .. 'leases', now + lease, id)
+  return {'job', id, redis.call('HGET', job, 'payload'), fence, redis.call('HGET', job, 'seq'),
+          redis.call('HGET', job, 'ntok')}
+end
+local function past_deadline(job, now)
+  local deadline = cjson.decode(redis.call('HGET', job, 'payload'))['deadline_at_ms']
+  return deadline ~= cjson.null and deadline ~= nil and tonumber(deadline) <= now
 end
 """
 
-# KEYS: job hash, queue stream, backlog hash.  ARGV: job id, payload, cost, ttl ms, group, priority.
+# KEYS: job hash, queue stream, backlog hash.
+# ARGV: job id, payload, cost, ttl ms, group, priority.
 ENQUEUE = r"""
 if redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[5], '0', 'MKSTREAM')
@@ -48,19 +75,48 @@ redis.call('HINCRBY', KEYS[3], ARGV[6] .. ':jobs', 1)
 return entry
 """
 
-# KEYS: the model's queues, highest priority first.
-# ARGV: group, consumer, now ms, free tokens, idle (1/0), job key prefix, lease ms, ttl ms,
-#       then one aging bound (ms) per queue (0 = never promoted).
-# Returns {'empty', last ids...} | {'full'} | {'skipped', job id, state}
-#       | {'job', job id, payload, fence, seq, ntok}
+# KEYS: the model's queues (highest priority first), then its wake stream.
+# ARGV: group, consumer, now ms, free tokens, idle (1/0), model prefix, lease ms, ttl ms,
+#       max deliveries, then one aging bound (ms) per queue (0 = never promoted).
+# Order: an expired lease (takeover) first, then queue heads by priority with aging.
+# Returns {'empty', ms until the next lease expires or -1, last ids...} | {'full'}
+#       | {'skipped', job id, state} | {'job', job id, payload, fence, seq, ntok}
 PULL = (
     _HELPERS
     + r"""
 local group, consumer = ARGV[1], ARGV[2]
 local now, free, idle = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5] == '1'
-local prefix, lease, ttl = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
-local best, best_rank, best_age, last_ids = nil, nil, nil, {}
-for i, q in ipairs(KEYS) do
+local mp, lease, ttl, max_deliveries = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local nq = #KEYS - 1
+
+local expired = redis.call('ZRANGEBYSCORE', mp .. 'leases', '-inf', now, 'LIMIT', 0, 1)
+if #expired > 0 then
+  local id = expired[1]
+  local job = mp .. 'job:' .. id
+  local state = redis.call('HGET', job, 'state')
+  if state ~= 'running' then
+    redis.call('ZREM', mp .. 'leases', id)
+    return {'skipped', id, tostring(state)}
+  end
+  if not idle and tonumber(redis.call('HGET', job, 'cost')) > free then return {'full'} end
+  if tonumber(redis.call('HGET', job, 'deliveries')) >= max_deliveries then
+    redis.call('XADD', mp .. 'dead', 'MAXLEN', '~', 10000, '*', 'job', id,
+      'deliveries', redis.call('HGET', job, 'deliveries'), 'owner', tostring(redis.call('HGET', job, 'owner')))
+    fail(mp, id, 'failed', 'poison_job', 'the job failed on ' .. max_deliveries .. ' workers; it was moved to the dead-letter stream', 500, group, ttl)
+    return {'skipped', id, 'dead'}
+  end
+  if past_deadline(job, now) then
+    fail(mp, id, 'expired', 'deadline_exceeded', 'the deadline passed during a worker failover', 504, group, ttl)
+    return {'skipped', id, 'expired'}
+  end
+  local q, entry = redis.call('HGET', job, 'queue'), redis.call('HGET', job, 'entry')
+  redis.call('XCLAIM', q, group, consumer, 0, entry, 'JUSTID')
+  return claim(mp, id, consumer, now, lease)
+end
+
+local best, best_rank, best_age = nil, nil, nil
+for i = 1, nq do
+  local q = KEYS[i]
   local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', q)
   if not ok or #groups == 0 then
     redis.call('XGROUP', 'CREATE', q, group, '0', 'MKSTREAM')
@@ -73,13 +129,9 @@ for i, q in ipairs(KEYS) do
     if info['name'] == group then delivered = info['last-delivered-id'] end
   end
   local head = redis.call('XRANGE', q, '(' .. delivered, '+', 'COUNT', 1)
-  local info = redis.call('XINFO', 'STREAM', q)
-  for k = 1, #info, 2 do
-    if info[k] == 'last-generated-id' then last_ids[i] = info[k + 1] end
-  end
   if #head > 0 then
     local age = now - tonumber(string.match(head[1][1], '^(%d+)'))
-    local aging = tonumber(ARGV[8 + i])
+    local aging = tonumber(ARGV[9 + i])
     local rank = i
     if aging > 0 and age >= aging then rank = 0 end
     if best == nil or rank < best_rank or (rank == 0 and best_rank == 0 and age > best_age) then
@@ -87,44 +139,46 @@ for i, q in ipairs(KEYS) do
     end
   end
 end
+
 if best == nil then
-  return {'empty', unpack(last_ids)}
+  local out = {'empty', -1}
+  local next_lease = redis.call('ZRANGE', mp .. 'leases', 0, 0, 'WITHSCORES')
+  if #next_lease > 0 then out[2] = math.max(0, tonumber(next_lease[2]) - now) end
+  for i = 1, #KEYS do
+    local ok, info = pcall(redis.call, 'XINFO', 'STREAM', KEYS[i])
+    local last = '0-0'
+    if ok then
+      for k = 1, #info, 2 do if info[k] == 'last-generated-id' then last = info[k + 1] end end
+    end
+    out[#out + 1] = last
+  end
+  return out
 end
+
 local fields = {}
 for k = 1, #best[2][2], 2 do fields[best[2][2][k]] = best[2][2][k + 1] end
-if not idle and tonumber(fields['cost']) > free then
-  return {'full'}
-end
+if not idle and tonumber(fields['cost']) > free then return {'full'} end
 redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', best[1], '>')
-local job_id = fields['job']
-local job = prefix .. job_id
+local id = fields['job']
+local job = mp .. 'job:' .. id
 local state = redis.call('HGET', job, 'state')
 if state ~= 'queued' then
   redis.call('XACK', best[1], group, best[2][1])
   redis.call('XDEL', best[1], best[2][1])
-  return {'skipped', job_id, tostring(state)}
+  return {'skipped', id, tostring(state)}
 end
-local payload = redis.call('HGET', job, 'payload')
-local deadline = cjson.decode(payload)['deadline_at_ms']
-if deadline ~= cjson.null and deadline ~= nil and tonumber(deadline) <= now then
-  local seq = tonumber(redis.call('HGET', job, 'seq')) + 1
-  unqueue(job)
-  redis.call('HSET', job, 'state', 'expired', 'seq', seq)
-  emit(job .. ':log', job .. ':events',
-    error_batch(seq, 'deadline_exceeded', 'the deadline passed while the job was queued', 504), ttl)
-  finish_entry(job, group)
-  return {'skipped', job_id, 'expired'}
+unqueue(mp, job)
+if past_deadline(job, now) then
+  fail(mp, id, 'expired', 'deadline_exceeded', 'the deadline passed while the job was queued', 504, group, ttl)
+  return {'skipped', id, 'expired'}
 end
-unqueue(job)
-local fence = redis.call('HINCRBY', job, 'fence', 1)
-redis.call('HINCRBY', job, 'deliveries', 1)
-redis.call('HSET', job, 'state', 'running', 'owner', consumer, 'lease_until', now + lease)
-return {'job', job_id, payload, fence, redis.call('HGET', job, 'seq'), redis.call('HGET', job, 'ntok')}
+return claim(mp, id, consumer, now, lease)
 """
 )
 
 # KEYS: job hash, job log.
-# ARGV: fence, channel, batch JSON, last seq, new tokens, ttl ms, terminal state or '', group.
+# ARGV: fence, channel, batch JSON, last seq, new tokens, ttl ms, terminal state or '', group,
+#       model prefix, job id.
 # Returns 1, or 0 when the write is fenced off (lease lost, job cancelled or finished).
 EMIT = (
     _HELPERS
@@ -135,46 +189,56 @@ end
 emit(KEYS[2], ARGV[2], ARGV[3], tonumber(ARGV[6]))
 redis.call('HSET', KEYS[1], 'seq', ARGV[4])
 redis.call('HINCRBY', KEYS[1], 'ntok', ARGV[5])
-if ARGV[7] ~= '' then
-  redis.call('HSET', KEYS[1], 'state', ARGV[7])
-  finish_entry(KEYS[1], ARGV[8])
-end
+if ARGV[7] ~= '' then finish(ARGV[9], ARGV[10], ARGV[7], ARGV[8]) end
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 return 1
 """
 )
 
-# KEYS: job hash, job log.
-# ARGV: channel, new state (cancelled|expired|failed), code, message, status, ttl ms, group,
-#       control channel, job id.
-# Returns the state the job is in afterwards.
+# KEYS: job hash.
+# ARGV: model prefix, job id, new state (cancelled|expired|failed), code, message, status,
+#       ttl ms, group, control channel.
+# Returns the state the job is in afterwards ('missing' when there is no such job).
 CANCEL = (
     _HELPERS
     + r"""
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
 if state ~= 'queued' and state ~= 'running' then return state end
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq')) + 1
-if state == 'queued' then unqueue(KEYS[1]) end
-redis.call('HSET', KEYS[1], 'state', ARGV[2], 'seq', seq)
-emit(KEYS[2], ARGV[1], error_batch(seq, ARGV[3], ARGV[4], tonumber(ARGV[5])), tonumber(ARGV[6]))
-finish_entry(KEYS[1], ARGV[7])
-if state == 'running' then redis.call('PUBLISH', ARGV[8], 'cancel ' .. ARGV[9]) end
-return ARGV[2]
+if state == 'queued' then unqueue(ARGV[1], KEYS[1]) end
+fail(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[8], tonumber(ARGV[7]))
+if state == 'running' then redis.call('PUBLISH', ARGV[9], 'cancel ' .. ARGV[2]) end
+return ARGV[3]
 """
 )
 
-# KEYS: job hashes.  ARGV: lease-until ms, then one fence per key.
+# KEYS: the leases set, then job hashes.  ARGV: lease-until ms, then (job id, fence) pairs.
 # Returns one 1/0 per job: 0 means the lease is lost (fenced, cancelled or finished).
 RENEW = r"""
 local out = {}
-for i, job in ipairs(KEYS) do
-  if redis.call('HGET', job, 'fence') == ARGV[i + 1] and redis.call('HGET', job, 'state') == 'running' then
-    redis.call('HSET', job, 'lease_until', ARGV[1])
-    out[i] = 1
+for i = 2, #KEYS do
+  local id, fence = ARGV[2 * i - 2], ARGV[2 * i - 1]
+  if redis.call('HGET', KEYS[i], 'fence') == fence and redis.call('HGET', KEYS[i], 'state') == 'running' then
+    redis.call('HSET', KEYS[i], 'lease_until', ARGV[1])
+    redis.call('ZADD', KEYS[1], 'XX', ARGV[1], id)
+    out[i - 1] = 1
   else
-    out[i] = 0
+    out[i - 1] = 0
   end
 end
 return out
+"""
+
+# KEYS: job hash, leases set, wake stream.  ARGV: fence, job id.
+# A draining worker gives a job back for immediate takeover (its lease ends now, and the
+# delivery does not count towards the poison limit). Returns 1, or 0 if no longer ours.
+HANDBACK = r"""
+if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'lease_until', 0)
+redis.call('HINCRBY', KEYS[1], 'deliveries', -1)
+redis.call('ZADD', KEYS[2], 0, ARGV[2])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100, '*', 'handback', ARGV[2])
+return 1
 """

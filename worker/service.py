@@ -94,9 +94,14 @@ class Worker:
         with suppress(RedisError, OSError):
             await self.heartbeat_once(draining=True)
         _, late = await asyncio.wait(tasks, timeout=self.settings.drain_grace_s)
+        left = [claimed for task, claimed in list(self.running.values()) if task in late]
         for task in late:
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
+        for claimed in left:  # nobody waits for our lease to expire
+            with suppress(RedisError, OSError):
+                handed = await self.store.handback(claimed)
+                log.info("job_handed_back", job_id=claimed.job.id, handed_back=handed)
 
     # --- pulling ------------------------------------------------------------------------
     async def _pull_loop(self) -> None:
@@ -120,18 +125,23 @@ class Worker:
             idle=cap.idle,
             lease_ms=int(self.settings.lease_s * 1000),
             aging_ms=self.aging_ms,
+            max_deliveries=self.settings.max_deliveries,
         )
         if result.kind == "job" and result.claimed is not None:
             self._start(result.claimed)
         elif result.kind == "full":
             await cap.wait_for_release(1.0)
         elif result.kind == "empty":
-            await self._wait_for_work(result.last_ids)
+            block = self.settings.block_ms
+            if result.next_lease_ms >= 0:  # wake when the next lease could expire
+                block = max(1, min(block, result.next_lease_ms + 5))
+            await self._wait_for_work(result.last_ids, block)
 
-    async def _wait_for_work(self, last_ids: tuple[str, ...]) -> None:
-        """Block (no polling) until a job is added to one of the model's queues."""
-        streams: Any = dict(zip(self.keys.queues(self.settings.model), last_ids, strict=True))
-        read = self.redis.xread(streams, count=1, block=self.settings.block_ms)
+    async def _wait_for_work(self, last_ids: tuple[str, ...], block_ms: int) -> None:
+        """Block (no polling) until a job is queued or handed back, or ``block_ms`` passes."""
+        names = [*self.keys.queues(self.settings.model), self.keys.wake(self.settings.model)]
+        streams: Any = dict(zip(names, last_ids, strict=True))
+        read = self.redis.xread(streams, count=1, block=block_ms)
         waiter: asyncio.Future[Any] = asyncio.ensure_future(read)
         stopper = asyncio.create_task(self.stopping.wait())
         done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
