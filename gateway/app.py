@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.multiplexer import PubSubMultiplexer
-from gateway.routes import completions, health, models
+from gateway.routes import completions, health, jobs, models
 from gateway.settings import GatewaySettings
 from gateway.state import GatewayState
 from shared.errors import SlipstreamError, error_envelope
@@ -55,6 +55,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         lifespan=lifespan,
     )
     app.include_router(completions.router)
+    app.include_router(jobs.router)
     app.include_router(models.router)
     app.include_router(health.router)
     install_error_handlers(app)

@@ -28,6 +28,7 @@ class Dispatch:
         stall_timeout_s: float,
         worker_ttl_s: float,
         submit: bool = True,
+        cancel_on_exit: bool = True,
         after_seq: int = 0,
     ) -> None:
         self.store = store
@@ -36,12 +37,12 @@ class Dispatch:
         self.stall_timeout_s = stall_timeout_s
         self.worker_ttl_s = worker_ttl_s
         self.submit = submit
+        self.cancel_on_exit = cancel_on_exit
         self.events = JobEvents(store, mux, job.model, job.id, after_seq=after_seq)
         self.started = False
         self.created = time.monotonic()
         self.first_token_at: float | None = None
         self.started_at: float | None = None
-        self._closing = False
 
     @property
     def finished(self) -> bool:
@@ -64,7 +65,7 @@ class Dispatch:
         tb: TracebackType | None,
     ) -> None:
         try:
-            if not self.finished and self.submit:
+            if not self.finished and self.cancel_on_exit:
                 await self.store.cancel(self.job.model, self.job.id, message="the client went away")
         finally:
             await self.events.__aexit__(exc_type, exc, tb)

@@ -1,22 +1,42 @@
-"""``slipstream gateway``: serve ``create_app`` with uvicorn."""
+"""``slipstream gateway``: serve ``create_app`` with uvicorn, draining on SIGTERM."""
 
 from __future__ import annotations
 
+from types import FrameType
+
 import uvicorn
+from fastapi import FastAPI
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from shared.logs import configure_logging
 
 
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: mark the gateway draining (``/readyz`` 503, new requests 503), then
+    let uvicorn stop accepting and give open streams ``drain_grace_s`` to finish. Streams still
+    open then are closed without cancelling their jobs, so clients resume elsewhere."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        state = getattr(self.app.state, "gateway", None)
+        if state is not None:
+            state.draining = True
+        super().handle_exit(sig, frame)
+
+
 def main(settings: GatewaySettings) -> None:
     configure_logging(settings.log_format, settings.log_level)
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,
-        timeout_graceful_shutdown=int(settings.drain_grace_s),
+        timeout_graceful_shutdown=int(settings.drain_grace_s) + 1,
         lifespan="on",
     )
-    uvicorn.Server(config).run()
+    DrainingServer(config, app).run()

@@ -66,6 +66,12 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class Conflict(SlipstreamError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
 class PayloadTooLarge(SlipstreamError):
     status = 413
     type = "invalid_request_error"

@@ -103,6 +103,10 @@ class JobStore:
         )
         return str(result)
 
+    async def load_job(self, model: str, job_id: str) -> Job | None:
+        payload = await self.redis.hget(self.keys.job(model, job_id), "payload")  # type: ignore[misc]
+        return None if payload is None else Job.model_validate_json(payload)
+
     async def model_of(self, job_id: str) -> str | None:
         model = await self.redis.get(self.keys.job_index(job_id))
         return None if model is None else str(model)

@@ -72,6 +72,7 @@ class Job(BaseModel):
     prompt_tokens_estimate: int
     request_id: str
     tenant: str = "anonymous"
+    include_usage: bool = False
 
     @property
     def cost_tokens(self) -> int:

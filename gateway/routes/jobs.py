@@ -1,0 +1,108 @@
+"""The job API: submit now and read later, resume a stream, look, cancel.
+
+``POST /v1/jobs`` takes a chat body (``messages``) or a completion body (``prompt``) and answers
+at once with the job id. ``GET /v1/jobs/{id}/events`` streams the same chunks the matching
+streaming endpoint would, each with an ``id:`` line; ``Last-Event-ID`` resumes after that event,
+on any gateway. A job id belongs to its tenant: anyone else gets 404.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from gateway.routes.completions import accept, claim_idempotency_key
+from gateway.state import GatewayState, gateway_state
+from gateway.streaming import new_dispatch, stream_response, writer_for
+from shared.errors import InvalidRequest, NotFound
+from shared.models import DoneEvent, ErrorEvent, Job, JobState, TokenEvent
+
+router = APIRouter()
+
+
+def tenant_of(request: Request) -> str:
+    tenant = getattr(request.state, "tenant", None)
+    return tenant if isinstance(tenant, str) else "anonymous"
+
+
+async def find_job(state: GatewayState, request: Request, job_id: str) -> Job:
+    model = await state.store.model_of(job_id) if len(job_id) <= 64 else None
+    job = await state.store.load_job(model, job_id) if model else None
+    if job is None or job.tenant != tenant_of(request):
+        raise NotFound(f"no job {job_id!r}", param="id", code="job_not_found")
+    return job
+
+
+@router.post("/v1/jobs", status_code=202)
+async def submit_job(request: Request) -> JSONResponse:
+    state, job, _ = await accept(request, None)
+    existing = await claim_idempotency_key(state, request, job)
+    if existing is None:
+        await state.store.enqueue(job)
+    job = existing or job
+    body = {"id": job.id, "object": "slipstream.job", "model": job.model, "status": "queued"}
+    headers = {"X-Request-Id": job.request_id, "X-Slipstream-Job-Id": job.id}
+    return JSONResponse(body, status_code=200 if existing else 202, headers=headers)
+
+
+@router.get("/v1/jobs/{job_id}/events")
+async def job_events(request: Request, job_id: str) -> Response:
+    state = gateway_state(request)
+    job = await find_job(state, request, job_id)
+    after = last_event_id(request)
+    dispatch = new_dispatch(state, job, submit=False, cancel_on_exit=False, after=after)
+    headers = {"X-Request-Id": job.request_id, "X-Slipstream-Job-Id": job.id}
+    writer = writer_for(job, resumed=after > 0)
+    return await stream_response(state, dispatch, writer, headers, early_errors_as_status=False)
+
+
+def last_event_id(request: Request) -> int:
+    raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    if raw is None or raw == "":
+        return 0
+    if not raw.isdigit() or len(raw) > 18:
+        raise InvalidRequest("Last-Event-ID must be a non-negative integer", param="Last-Event-ID")
+    return int(raw)
+
+
+@router.get("/v1/jobs/{job_id}")
+async def get_job(request: Request, job_id: str) -> dict[str, Any]:
+    state = gateway_state(request)
+    job = await find_job(state, request, job_id)
+    fields = await state.store.state(job.model, job.id)
+    text: list[str] = []
+    result: dict[str, Any] = {}
+    for entry in await state.store.read_log(job.model, job.id):
+        for event in entry.batch.events:
+            if isinstance(event, TokenEvent):
+                text.append(event.x)
+            elif isinstance(event, DoneEvent):
+                result["usage"] = event.usage.model_dump() | {
+                    "total_tokens": event.usage.total_tokens
+                }
+                result["finish_reason"] = event.finish_reason
+            elif isinstance(event, ErrorEvent):
+                result["error"] = {"code": event.code, "message": event.message}
+    return {
+        "id": job.id,
+        "object": "slipstream.job",
+        "model": job.model,
+        "kind": job.kind,
+        "priority": job.priority.value,
+        "status": fields.get("state", "unknown"),
+        "created": job.enqueued_at_ms // 1000,
+        "deliveries": int(fields.get("deliveries", 0)),
+        "output": "".join(text),
+        "last_event_id": int(fields.get("seq", 0)),
+        **result,
+    }
+
+
+@router.delete("/v1/jobs/{job_id}")
+async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
+    state = gateway_state(request)
+    job = await find_job(state, request, job_id)
+    after = await state.store.cancel(job.model, job.id, message="cancelled through the job API")
+    return {"id": job.id, "object": "slipstream.job", "status": JobState(after).value}

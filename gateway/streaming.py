@@ -1,0 +1,160 @@
+"""Turning a ``Dispatch`` into an HTTP response: an SSE relay, or one collected JSON body.
+
+Shared by the OpenAI routes and the job API, so a resumed stream renders exactly the chunks
+the original one did. A stream cut by the gateway's own shutdown never cancels its job: the
+client resumes it elsewhere with ``Last-Event-ID``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
+
+from gateway.dispatch import Dispatch
+from gateway.openai_format import ChunkWriter, completion_object
+from gateway.state import GatewayState
+from shared.errors import JobFailed
+from shared.models import DoneEvent, ErrorEvent, Event, Job, TokenEvent
+
+
+def new_dispatch(
+    state: GatewayState,
+    job: Job,
+    *,
+    submit: bool = True,
+    cancel_on_exit: bool = True,
+    after: int = 0,
+) -> Dispatch:
+    s = state.settings
+    return Dispatch(
+        state.store,
+        state.mux,
+        job,
+        worker_wait_s=s.worker_wait_s,
+        stall_timeout_s=s.stall_timeout_s,
+        worker_ttl_s=s.worker_ttl_s,
+        submit=submit,
+        cancel_on_exit=cancel_on_exit,
+        after_seq=after,
+    )
+
+
+def writer_for(job: Job, *, resumed: bool = False) -> ChunkWriter:
+    prefix = "chatcmpl-" if job.kind == "chat" else "cmpl-"
+    writer = ChunkWriter(
+        job.kind, prefix + job.id, job.model, job.include_usage, created=job.enqueued_at_ms // 1000
+    )
+    writer.role_sent = resumed
+    return writer
+
+
+def raise_for(event: ErrorEvent, headers: dict[str, str]) -> None:
+    error = JobFailed(event.message, status=event.status, code=event.code)
+    error.headers = headers
+    raise error
+
+
+async def close_dispatch(dispatch: Dispatch, *, cancel: bool = True) -> None:
+    """Leave the job (cancelling it if unfinished and ``cancel``), even while cancelled."""
+    if not cancel:
+        dispatch.cancel_on_exit = False
+    with anyio.CancelScope(shield=True):
+        await dispatch.__aexit__(None, None, None)
+
+
+async def stream_response(
+    state: GatewayState,
+    dispatch: Dispatch,
+    writer: ChunkWriter,
+    headers: dict[str, str],
+    *,
+    early_errors_as_status: bool = True,
+) -> Response:
+    """SSE once the job starts (or after ``stream_start_s`` queued).
+
+    An error before that becomes the response's status (504, 503...) when
+    ``early_errors_as_status``; a reader of an existing job gets it as an SSE error event.
+    """
+    await dispatch.__aenter__()
+    try:
+        first = await dispatch.next(timeout=state.settings.stream_start_s)
+        error = next((e for e in first if isinstance(e, ErrorEvent)), None)
+        if error is not None and early_errors_as_status:
+            raise_for(error, headers)
+    except BaseException:
+        await close_dispatch(dispatch)
+        raise
+    shutdown = anyio.Event()
+    return EventSourceResponse(
+        relay(state, dispatch, writer, first, shutdown),
+        headers=headers,
+        ping=int(state.settings.sse_ping_s),
+        send_timeout=state.settings.send_timeout_s,
+        sep="\n",
+        shutdown_event=shutdown,
+        shutdown_grace_period=state.settings.drain_grace_s,
+    )
+
+
+async def relay(
+    state: GatewayState,
+    dispatch: Dispatch,
+    writer: ChunkWriter,
+    first: list[Event],
+    shutdown: anyio.Event,
+) -> AsyncIterator[bytes]:
+    state.open_streams.add(dispatch.job.id)
+    try:
+        if first:
+            yield writer.frames(first)
+        while not dispatch.finished:
+            events = await dispatch.next(timeout=5.0)
+            if events:
+                yield writer.frames(events)
+    finally:
+        state.open_streams.discard(dispatch.job.id)
+        await close_dispatch(dispatch, cancel=not (shutdown.is_set() or state.draining))
+
+
+async def collect_response(
+    request: Request, dispatch: Dispatch, writer: ChunkWriter, headers: dict[str, str]
+) -> Response:
+    """Wait for the whole output; a client that disconnects meanwhile cancels the job."""
+    parts: list[str] = []
+    outcome: list[DoneEvent | ErrorEvent] = []
+
+    async def collect() -> None:
+        while not dispatch.finished:
+            for event in await dispatch.next(timeout=5.0):
+                if isinstance(event, TokenEvent):
+                    parts.append(event.x)
+                elif isinstance(event, DoneEvent | ErrorEvent):
+                    outcome.append(event)
+        tg.cancel_scope.cancel()
+
+    async def watch_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        tg.cancel_scope.cancel()
+
+    await dispatch.__aenter__()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(collect)
+            tg.start_soon(watch_disconnect)
+    finally:
+        await close_dispatch(dispatch)
+    if not outcome:
+        return Response(status_code=499, headers=headers)  # the client is gone
+    end = outcome[0]
+    if isinstance(end, ErrorEvent):
+        raise_for(end, headers)
+    assert isinstance(end, DoneEvent)
+    body = completion_object(
+        writer.kind, writer.response_id, writer.model, "".join(parts), end, writer.created
+    )
+    return JSONResponse(body, headers=headers)
