@@ -10,11 +10,15 @@ from __future__ import annotations
 import time
 from types import TracebackType
 
+import structlog
+
 from gateway.job_events import JobEvents
 from gateway.multiplexer import PubSubMultiplexer
 from shared.fleet import live_workers
 from shared.jobs import JobStore, now_ms
 from shared.models import Event, Job, JobState
+
+log = structlog.get_logger("slipstream.gateway")
 
 
 class Dispatch:
@@ -93,6 +97,12 @@ class Dispatch:
 
     async def _enforce_limits(self) -> None:
         job, store = self.job, self.store
+        if self.submit and await store.job_state(job.model, job.id) is None:
+            # Redis lost the job (a restart inside the AOF fsync window): submit it again.
+            # Sequence numbers start over; events this stream already passed on are dropped.
+            log.warning("job_resubmitted", job_id=job.id, request_id=job.request_id)
+            await store.enqueue(job)
+            return
         if job.deadline_at_ms is not None and now_ms() >= job.deadline_at_ms:
             await store.cancel(
                 job.model,

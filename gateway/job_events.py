@@ -90,8 +90,9 @@ class JobEvents:
             except ValidationError:
                 self.needs_log = True
                 continue
-            fresh = [e for e in batch.events if e.s > self.seq]
-            if fresh and fresh[0].s != self.seq + 1:
+            fresh = [e for e in batch.events if e.s > self.seq or e.t == "started"]
+            numbered = [e for e in fresh if e.t != "started"]
+            if numbered and numbered[0].s != self.seq + 1:
                 self.needs_log = True  # a gap: the log has what is missing
                 return out
             out.extend(self._accept(fresh))
@@ -106,12 +107,17 @@ class JobEvents:
         out: list[Event] = []
         for entry in await self.store.read_log(self.model, self.job_id, after=self.log_pos):
             self.log_pos = entry.stream_id
-            out.extend(self._accept([e for e in entry.batch.events if e.s > self.seq]))
+            fresh = [e for e in entry.batch.events if e.s > self.seq or e.t == "started"]
+            out.extend(self._accept(fresh))
         return out
 
     def _accept(self, events: list[Event]) -> list[Event]:
         accepted: list[Event] = []
         for event in events:
+            if event.t == "started":
+                if event.s >= self.seq:  # not one the log replays from before our position
+                    accepted.append(event)
+                continue
             if event.s != self.seq + 1:
                 self.needs_log = True
                 break

@@ -111,6 +111,11 @@ class JobStore:
         model = await self.redis.get(self.keys.job_index(job_id))
         return None if model is None else str(model)
 
+    async def job_state(self, model: str, job_id: str) -> str | None:
+        """The job's state, or None when Redis has no such job (expired, or lost in a crash)."""
+        state = await self.redis.hget(self.keys.job(model, job_id), "state")  # type: ignore[misc]
+        return None if state is None else str(state)
+
     async def state(self, model: str, job_id: str) -> dict[str, str]:
         result: dict[str, str] = await self.redis.hgetall(self.keys.job(model, job_id))  # type: ignore[misc]
         return result

@@ -90,7 +90,11 @@ class Usage(BaseModel):
 
 
 class StartedEvent(BaseModel):
-    """A worker took the job (again, after a failover)."""
+    """A worker took the job (again, after a failover).
+
+    ``s`` repeats the sequence number of the last event before it: only token and terminal
+    events are numbered, so a client sees ids 1..N with no hole where a worker changed.
+    """
 
     t: Literal["started"] = "started"
     s: int

@@ -9,6 +9,18 @@ from shared.redis import connect
 from tests.helpers import RedisProcess, start_redis
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--trials", default=20, type=int, help="randomized trials per fault (faults suite)"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "/faults/" in str(item.fspath):
+            item.add_marker(pytest.mark.faults)
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisProcess]:
     server = start_redis()

@@ -45,7 +45,8 @@ class EventEmitter:
         return self.seq
 
     async def started(self, worker_id: str) -> None:
-        self.pending.append(StartedEvent(s=self._next(), worker=worker_id))
+        # ``started`` takes no sequence number: SSE ids stay 1..N over tokens and the end
+        self.pending.append(StartedEvent(s=self.seq, worker=worker_id))
         await self.flush()
 
     async def token(self, text: str) -> None:

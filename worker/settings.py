@@ -26,7 +26,59 @@ class SimSettings(CommonSettings):
     )
 
 
-class WorkerSettings(SimSettings):
+class LlamaSettings(CommonSettings):
+    """The in-process llama.cpp engine (``--engine llama``)."""
+
+    model_path: str = Field(
+        default="",
+        description="GGUF file for --engine llama; empty: the packaged Gemma 3 270M (base)",
+    )
+    slots: int = Field(
+        default=1, gt=0, description="llama.cpp contexts (sequences generated at once)"
+    )
+    n_ctx: int = Field(default=2048, gt=0, description="Context length of each slot, in tokens")
+    threads: int = Field(
+        default=0, ge=0, description="CPU threads per slot; 0: cores divided by slots (at least 1)"
+    )
+
+
+class UpstreamSettings(CommonSettings):
+    """The OpenAI-compatible upstream engine (``--engine openai``)."""
+
+    upstream_url: str = Field(
+        default="", description="Base URL of the upstream server, e.g. http://127.0.0.1:8000"
+    )
+    upstream_model: str = Field(
+        default="", description="Model name sent upstream; empty: the worker's --model"
+    )
+    upstream_api_key: str = Field(
+        default="", description="Bearer token sent upstream (empty: no Authorization header)"
+    )
+    upstream_timeout_s: float = Field(
+        default=300.0, gt=0, description="Longest a whole upstream generation may take"
+    )
+    upstream_connect_timeout_s: float = Field(
+        default=5.0, gt=0, description="Longest wait to connect to the upstream"
+    )
+    upstream_read_timeout_s: float = Field(
+        default=30.0, gt=0, description="Longest silence between two streamed upstream chunks"
+    )
+    upstream_probe_s: float = Field(
+        default=2.0, gt=0, description="Period of the upstream health and /metrics probe"
+    )
+    upstream_max_kv_use: float = Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description="Stop pulling while the upstream's KV cache use (vLLM /metrics) is above this",
+    )
+    sim_crash_prompt: str = Field(
+        default="",
+        description="A prompt containing this text kills the simulating worker process (tests)",
+    )
+
+
+class WorkerSettings(SimSettings, LlamaSettings, UpstreamSettings):
     model: str = Field(default="sim-model", description="Model name this worker serves")
     engine: Literal["sim", "llama", "openai"] = Field(default="sim")
     worker_id: str = Field(default="", description="Registry id; default host-pid-random")

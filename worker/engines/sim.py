@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -66,10 +67,17 @@ class SimProfile:
     tokens_per_s: float = 100.0
     slowdown: float = 0.0
     fail_prompt: str = ""
+    crash_prompt: str = ""
 
     @classmethod
     def from_settings(cls, s: SimSettings) -> SimProfile:
-        return cls(s.sim_ttft_ms / 1000, s.sim_tokens_per_s, s.sim_slowdown, s.sim_fail_prompt)
+        return cls(
+            s.sim_ttft_ms / 1000,
+            s.sim_tokens_per_s,
+            s.sim_slowdown,
+            s.sim_fail_prompt,
+            s.sim_crash_prompt,
+        )
 
 
 def next_token(context: hashlib.blake2b) -> str:
@@ -125,6 +133,8 @@ class SimEngine:
         prompt = render_transcript(request.job)
         if self.profile.fail_prompt and self.profile.fail_prompt in prompt:
             raise EngineError("simulated engine failure", code="engine_error")
+        if self.profile.crash_prompt and self.profile.crash_prompt in prompt:
+            os._exit(70)  # a simulated segfault: no cleanup, no goodbye
         seed = request.job.params.seed or 0
         context = context_hash(seed, prompt + request.produced)
         remaining = request.job.params.max_tokens - request.produced_tokens
