@@ -7,13 +7,21 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import structlog
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.admission import Admission
+from gateway.auth import authenticate
+from gateway.metrics import GatewayMetrics
 from gateway.multiplexer import PubSubMultiplexer
-from gateway.routes import completions, health, jobs, models
+from gateway.ratelimit import RateLimits
+from gateway.request_context import RequestContextMiddleware
+from gateway.routes import completions, dashboard, health, jobs, models
+from gateway.routes import metrics as metrics_routes
 from gateway.settings import GatewaySettings
 from gateway.state import GatewayState
 from shared.errors import SlipstreamError, error_envelope
@@ -37,13 +45,19 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             keys=keys,
             store=JobStore(redis, keys, ttl_s=settings.job_log_ttl_s),
             mux=mux,
+            admission=Admission(redis, keys, settings),
+            limits=RateLimits(redis, settings.redis_url, settings.prefix),
+            metrics=GatewayMetrics(CollectorRegistry()),
         )
+        await state.admission.start()
+        state.metrics.track_open_streams(lambda: len(state.open_streams))
         app.state.gateway = state
         log.info("gateway_started", host=settings.host, port=settings.port)
         try:
             yield {"gateway": state}
         finally:
             state.draining = True
+            await state.admission.close()
             await mux.close()
             await redis.aclose()
             log.info("gateway_stopped")
@@ -54,10 +68,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         description="OpenAI-compatible front door of a pull-based LLM dispatcher.",
         lifespan=lifespan,
     )
-    app.include_router(completions.router)
-    app.include_router(jobs.router)
-    app.include_router(models.router)
+    keyed = [Depends(authenticate)]  # 401 before the body is read when auth is on
+    app.include_router(completions.router, dependencies=keyed)
+    app.include_router(jobs.router, dependencies=keyed)
+    app.include_router(models.router, dependencies=keyed)
     app.include_router(health.router)
+    app.include_router(metrics_routes.router)
+    app.include_router(dashboard.router)
+    app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app)
     return app
 
@@ -67,6 +85,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(SlipstreamError)
     async def slipstream_error(request: Request, exc: SlipstreamError) -> JSONResponse:
+        metrics_routes.note_rejection(request, exc)
         return JSONResponse(exc.envelope(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -86,6 +105,16 @@ def install_error_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         body = error_envelope(str(exc.detail), "invalid_request_error", code)
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RedisError)
+    async def redis_down(request: Request, exc: RedisError) -> JSONResponse:
+        log.warning("redis_unavailable", path=request.url.path, error=str(exc))
+        body = error_envelope(
+            "the queue is unreachable right now; nothing was accepted, retry shortly",
+            "server_error",
+            "queue_unavailable",
+        )
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -7,12 +7,15 @@ the ``CANCEL`` script, which appends the error event, so there is one path to th
 
 from __future__ import annotations
 
+import asyncio
 import time
 from types import TracebackType
 
 import structlog
+from redis.exceptions import RedisError
 
 from gateway.job_events import JobEvents
+from gateway.metrics import RequestObserver
 from gateway.multiplexer import PubSubMultiplexer
 from shared.fleet import live_workers
 from shared.jobs import JobStore, now_ms
@@ -47,6 +50,7 @@ class Dispatch:
         self.created = time.monotonic()
         self.first_token_at: float | None = None
         self.started_at: float | None = None
+        self.observer: RequestObserver | None = None  # metrics, set by the OpenAI routes
 
     @property
     def finished(self) -> bool:
@@ -72,17 +76,24 @@ class Dispatch:
             if not self.finished and self.cancel_on_exit:
                 await self.store.cancel(self.job.model, self.job.id, message="the client went away")
         finally:
+            if self.observer is not None:
+                self.observer.on_exit(self)
             await self.events.__aexit__(exc_type, exc, tb)
 
     async def next(self, timeout: float = 1.0) -> list[Event]:
         """The next events; ``[]`` after ``timeout`` seconds of quiet (time for a progress note)."""
         end = time.monotonic() + timeout
         while not self.finished:
-            events = await self.events.next(min(1.0, max(0.0, end - time.monotonic())))
-            if events:
-                self._note(events)
-                return events
-            await self._enforce_limits()
+            try:
+                events = await self.events.next(min(1.0, max(0.0, end - time.monotonic())))
+                if events:
+                    self._note(events)
+                    return events
+                await self._enforce_limits()
+            except (RedisError, OSError) as exc:  # Redis restarting: the log has it all
+                log.warning("redis_unavailable", job_id=self.job.id, error=str(exc))
+                self.events.needs_log = True
+                await asyncio.sleep(0.2)
             if time.monotonic() >= end:
                 return []
         return []
@@ -94,6 +105,8 @@ class Dispatch:
                 self.started_at = time.monotonic()
             elif event.t == "token" and self.first_token_at is None:
                 self.first_token_at = time.monotonic()
+        if self.observer is not None:
+            self.observer.on_events(events)
 
     async def _enforce_limits(self) -> None:
         job, store = self.job, self.store

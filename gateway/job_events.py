@@ -20,6 +20,8 @@ from shared.models import TERMINAL_EVENT_TYPES, Event, EventBatch
 
 
 class JobEvents:
+    LOG_PAGE = 16  # log entries per read: bounds what one stream holds in memory at once
+
     def __init__(
         self,
         store: JobStore,
@@ -105,7 +107,12 @@ class JobEvents:
         while not self.listener.queue.empty():  # the log covers whatever is queued
             self.listener.queue.get_nowait()
         out: list[Event] = []
-        for entry in await self.store.read_log(self.model, self.job_id, after=self.log_pos):
+        entries = await self.store.read_log(
+            self.model, self.job_id, after=self.log_pos, count=self.LOG_PAGE
+        )
+        if len(entries) == self.LOG_PAGE:
+            self.needs_log = True  # more to read: next call, after the caller sent these
+        for entry in entries:
             self.log_pos = entry.stream_id
             fresh = [e for e in entry.batch.events if e.s > self.seq or e.t == "started"]
             out.extend(self._accept(fresh))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from types import FrameType
 
 import uvicorn
@@ -28,6 +29,19 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def listening_socket(settings: GatewaySettings) -> socket.socket:
+    """The listening socket; accepted connections inherit its bounded send buffer."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if settings.socket_send_buffer_bytes:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.socket_send_buffer_bytes)
+    sock.bind((settings.host, settings.port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
 def main(settings: GatewaySettings) -> None:
     configure_logging(settings.log_format, settings.log_level)
     app = create_app(settings)
@@ -39,4 +53,4 @@ def main(settings: GatewaySettings) -> None:
         timeout_graceful_shutdown=int(settings.drain_grace_s) + 1,
         lifespan="on",
     )
-    DrainingServer(config, app).run()
+    DrainingServer(config, app).run(sockets=[listening_socket(settings)])

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import NoDecode
 
 from shared.settings import CommonSettings
+
+
+class QueueLimit(BaseModel):
+    """One model's queue limits (0: no limit)."""
+
+    jobs: int = Field(default=0, ge=0)
+    tokens: int = Field(default=0, ge=0)
 
 
 class GatewaySettings(CommonSettings):
@@ -43,12 +50,59 @@ class GatewaySettings(CommonSettings):
     listener_queue_batches: int = Field(
         default=256, gt=0, description="Event batches buffered per stream before repair-from-log"
     )
+    socket_send_buffer_bytes: int = Field(
+        default=65536,
+        ge=0,
+        description="SO_SNDBUF of client connections (bounds kernel memory per slow reader; "
+        "0 = kernel autotuning)",
+    )
     sse_ping_s: float = Field(default=15.0, gt=0, description="SSE keep-alive comment period")
     send_timeout_s: float = Field(
         default=30.0, gt=0, description="A client that takes longer to accept a write is cut"
     )
     drain_grace_s: float = Field(
         default=30.0, ge=0, description="On SIGTERM, how long open streams may finish"
+    )
+    # --- admission, limits and auth (see docs/admission.md) ------------------------------
+    admission: bool = Field(
+        default=True,
+        description="Refuse (429) a request the fleet's measured throughput cannot finish "
+        "before its deadline, and one past the queue limits",
+    )
+    max_queue_jobs: int = Field(
+        default=10_000, ge=0, description="Most jobs queued per model (0: no limit)"
+    )
+    max_queue_tokens: int = Field(
+        default=0, ge=0, description="Most tokens (prompt + max_tokens) queued per model (0: none)"
+    )
+    queue_limits: dict[str, QueueLimit] = Field(
+        default_factory=dict,
+        description='Per-model limits overriding the two above, JSON: {"model": {"jobs": N, '
+        '"tokens": N}}',
+    )
+    queue_reserve: float = Field(
+        default=0.1,
+        ge=0,
+        lt=0.5,
+        description="Share of the queue limits each priority above low keeps for itself: low "
+        "may fill 80%, normal 90%, high 100%",
+    )
+    admission_refresh_s: float = Field(
+        default=0.25, gt=0, description="Period of the admission's read of the worker registry"
+    )
+    throughput_memory_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Half-life of a worker's best measured throughput, which admission uses "
+        "as its drain rate (a worker that is not saturated measures less than it can do)",
+    )
+    progress_s: float = Field(
+        default=1.0, gt=0, description="Period of queue-position comments to a queued stream"
+    )
+    auth_required: bool = Field(
+        default=False,
+        description="Require an API key (slipstream keys create); off: every caller is the "
+        "tenant 'anonymous', without limits",
     )
 
     @field_validator("models", mode="before")

@@ -10,15 +10,50 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import anyio
+import structlog
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
+from sse_starlette.sse import SendTimeoutError
+from starlette.types import Message, Receive, Scope, Send
 
 from gateway.dispatch import Dispatch
 from gateway.openai_format import ChunkWriter, completion_object
 from gateway.state import GatewayState
 from shared.errors import JobFailed
 from shared.models import DoneEvent, ErrorEvent, Event, Job, TokenEvent
+
+log = structlog.get_logger("slipstream.gateway")
+
+
+class StreamCut:
+    """Why a relay ended early, known to the relay before its cleanup runs."""
+
+    def __init__(self) -> None:
+        self.too_slow = False
+        self.shutdown = anyio.Event()
+
+
+class JobEventResponse(EventSourceResponse):
+    """An SSE response that cuts a reader who stops reading (``send_timeout``) without
+    cancelling the job: the reader resumes with ``Last-Event-ID`` when it catches up."""
+
+    def __init__(self, *args: object, cut: StreamCut, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.cut = cut
+
+    async def _send_with_timeout(self, send: Send, message: Message) -> None:
+        try:
+            await super()._send_with_timeout(send, message)
+        except SendTimeoutError:
+            self.cut.too_slow = True
+            raise
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            log.warning("sse_reader_too_slow", path=scope.get("path"))
 
 
 def new_dispatch(
@@ -88,14 +123,15 @@ async def stream_response(
     except BaseException:
         await close_dispatch(dispatch)
         raise
-    shutdown = anyio.Event()
-    return EventSourceResponse(
-        relay(state, dispatch, writer, first, shutdown),
+    cut = StreamCut()
+    return JobEventResponse(
+        relay(state, dispatch, writer, first, cut),
+        cut=cut,
         headers=headers,
         ping=int(state.settings.sse_ping_s),
         send_timeout=state.settings.send_timeout_s,
         sep="\n",
-        shutdown_event=shutdown,
+        shutdown_event=cut.shutdown,
         shutdown_grace_period=state.settings.drain_grace_s,
     )
 
@@ -105,19 +141,27 @@ async def relay(
     dispatch: Dispatch,
     writer: ChunkWriter,
     first: list[Event],
-    shutdown: anyio.Event,
+    cut: StreamCut,
 ) -> AsyncIterator[bytes]:
     state.open_streams.add(dispatch.job.id)
     try:
-        if first:
-            yield writer.frames(first)
+        for chunk in chunks(first):
+            yield writer.frames(chunk)
         while not dispatch.finished:
-            events = await dispatch.next(timeout=5.0)
-            if events:
-                yield writer.frames(events)
+            if not dispatch.started and (note := await state.admission.progress(dispatch.job)):
+                yield note  # still queued: ": queued position=N eta_ms=M" (an SSE comment)
+            for chunk in chunks(await dispatch.next(timeout=state.settings.progress_s)):
+                yield writer.frames(chunk)
     finally:
         state.open_streams.discard(dispatch.job.id)
-        await close_dispatch(dispatch, cancel=not (shutdown.is_set() or state.draining))
+        keep = cut.too_slow or cut.shutdown.is_set() or state.draining
+        await close_dispatch(dispatch, cancel=not keep)
+
+
+def chunks(events: list[Event], size: int = 64) -> list[list[Event]]:
+    """At most ``size`` events per write, so a reader that stops reading blocks the next send
+    (and is cut after ``send_timeout_s``) instead of piling output up in the gateway."""
+    return [events[i : i + size] for i in range(0, len(events), size)]
 
 
 async def collect_response(

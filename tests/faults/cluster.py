@@ -7,6 +7,7 @@ Every process is a child of the test and is killed at teardown; everything liste
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -139,7 +140,7 @@ class StreamRecord:
 
     def largest_gap_s(self) -> float:
         times = [t for _, d, t in self.frames if d.startswith("{")]
-        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
 
 async def read_stream(
@@ -170,7 +171,9 @@ def sim_text(prompt: str, max_tokens: int, seed: int = 0) -> str:
 def check_stream(record: StreamRecord, expected_text: str | None = None) -> None:
     """The checker: sequence with no gap and no duplicate, one terminal, usage once."""
     ids = record.ids()
-    assert ids, "no events"
+    assert ids, (
+        f"no events (status {record.status}, job {record.job_id}, frames {record.frames[:3]})"
+    )
     assert ids == list(range(ids[0], ids[0] + len(ids))), f"gap or duplicate in {ids}"
     assert len(record.terminals()) == 1, record.terminals()
     assert record.frames[-1][1] == "[DONE]"
@@ -229,7 +232,7 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def record_result(name: str, **figures: Any) -> None:
