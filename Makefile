@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck deps system-deps clean help
+.PHONY: run test lint typecheck deps system-deps clean help faults
 .DEFAULT_GOAL := help
 
 help:
@@ -41,3 +41,6 @@ clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .slipstream-redis
 
 -include bench/bench.mk
+
+faults: deps
+	$(BIN)/pytest -m faults --trials 20
