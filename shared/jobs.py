@@ -44,10 +44,11 @@ class LogEntry:
 class JobStore:
     """Atomic job transitions (enqueue, pull, emit, cancel, renew) and event-log reads."""
 
-    def __init__(self, redis: Redis, keys: Keys, *, ttl_s: int) -> None:
+    def __init__(self, redis: Redis, keys: Keys, *, ttl_s: int, fair_share_tokens: int = 0) -> None:
         self.redis = redis
         self.keys = keys
         self.ttl_ms = ttl_s * 1000
+        self.fair_share_tokens = fair_share_tokens
         self._enqueue = redis.register_script(lua.ENQUEUE)
         self._pull = redis.register_script(lua.PULL)
         self._emit = redis.register_script(lua.EMIT)
@@ -71,6 +72,9 @@ class JobStore:
                 self.ttl_ms,
                 CONSUMER_GROUP,
                 job.priority.value,
+                k.tenant_part(job.tenant),
+                self.fair_share_tokens,
+                k.model_prefix(job.model),
             ],
         )
         return str(entry)

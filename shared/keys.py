@@ -7,6 +7,8 @@ Names stay readable so ``redis-cli XLEN slip:{gemma-3-270m}:queue:high`` answers
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
 
 from shared.models import Priority
@@ -28,6 +30,17 @@ class Keys:
     def queue(self, model: str, priority: Priority) -> str:
         """Stream of job ids waiting for a worker (one per model and priority)."""
         return f"{self.prefix}:{{{model}}}:queue:{priority.value}"
+
+    @staticmethod
+    def tenant_part(tenant: str) -> str:
+        """A tenant name as it appears in key names (hashed unless plainly safe)."""
+        if re.fullmatch(r"[A-Za-z0-9._-]{1,64}", tenant):
+            return tenant
+        return "h-" + hashlib.sha256(tenant.encode()).hexdigest()[:16]
+
+    def deferred(self, model: str, priority: Priority, tenant: str) -> str:
+        """Stream: a tenant's jobs beyond its fair share of the shared queue, in order."""
+        return f"{self.prefix}:{{{model}}}:deferred:{priority.value}:{self.tenant_part(tenant)}"
 
     def leases(self, model: str) -> str:
         """Sorted set: running job id scored by its lease end (ms); expired = take over."""
@@ -69,6 +82,10 @@ class Keys:
         """Hash: worker id -> recent tokens/s for the model (admission reads it)."""
         return f"{self.prefix}:{{{model}}}:throughput"
 
+    def stats(self, model: str) -> str:
+        """Hash: the janitor's roll-up of live workers (tokens/s, capacity, in use, count)."""
+        return f"{self.prefix}:{{{model}}}:stats"
+
     # --- global --------------------------------------------------------------------------
     def job_index(self, job_id: str) -> str:
         """String: job id -> model, so the job API can find a job's keys."""
@@ -101,3 +118,13 @@ class Keys:
     def api_keys(self) -> str:
         """Set: hashes of every API key."""
         return f"{self.prefix}:apikeys"
+
+    @property
+    def janitor_queue(self) -> str:
+        """Sorted set: arq's queue of janitor cron jobs (arq keeps its own ``arq:*`` keys)."""
+        return f"{self.prefix}:janitor:queue"
+
+    @property
+    def janitor_log(self) -> str:
+        """Stream: one entry per janitor cron firing (task, arq job id, janitor, result)."""
+        return f"{self.prefix}:janitor:log"

@@ -19,12 +19,42 @@ end
 local function error_batch(seq, code, message, status)
   return cjson.encode({v=1, events={{t='error', s=seq, code=code, message=message, status=status}}})
 end
+local function promote(mp, prio, tenant)
+  -- move the tenant's deferred jobs into the shared queue while it is under its quantum
+  local share, main = mp .. 'share:' .. prio, mp .. 'queue:' .. prio
+  local deferred = mp .. 'deferred:' .. prio .. ':' .. tenant
+  local quantum = tonumber(redis.call('HGET', mp .. 'fair', 'quantum') or '0')
+  local in_main = tonumber(redis.call('HGET', share, tenant) or '0')
+  while true do
+    local head = redis.call('XRANGE', deferred, '-', '+', 'COUNT', 1)
+    if #head == 0 then break end
+    local f = {}
+    for k = 1, #head[1][2], 2 do f[head[1][2][k]] = head[1][2][k + 1] end
+    local cost = tonumber(f['cost'])
+    if in_main > 0 and in_main + cost > quantum then break end
+    redis.call('XDEL', deferred, head[1][1])
+    local job = mp .. 'job:' .. f['job']
+    if redis.call('HGET', job, 'state') == 'queued' then
+      local entry = redis.call('XADD', main, '*', 'job', f['job'], 'cost', cost, 'tenant', tenant)
+      redis.call('HSET', job, 'queue', main, 'entry', entry, 'inmain', 1)
+      in_main = in_main + cost
+    end
+  end
+  if in_main > 0 then redis.call('HSET', share, tenant, in_main) else redis.call('HDEL', share, tenant) end
+end
 local function unqueue(mp, job)
-  -- the job leaves state 'queued': take its cost off the model's backlog
+  -- the job leaves state 'queued': take its cost off the model's backlog and, when it was in
+  -- the shared queue, off its tenant's share there (which may let a deferred job in)
   local prio, cost = redis.call('HGET', job, 'prio'), redis.call('HGET', job, 'cost')
   if prio and cost then
     redis.call('HINCRBY', mp .. 'backlog', prio .. ':tokens', -tonumber(cost))
     redis.call('HINCRBY', mp .. 'backlog', prio .. ':jobs', -1)
+    local tenant = redis.call('HGET', job, 'tenant')
+    if tenant and redis.call('HGET', job, 'inmain') == '1' then
+      redis.call('HSET', job, 'inmain', 0)
+      redis.call('HINCRBY', mp .. 'share:' .. prio, tenant, -tonumber(cost))
+      promote(mp, prio, tenant)
+    end
   end
 end
 local function finish(mp, id, state, group)
@@ -33,7 +63,7 @@ local function finish(mp, id, state, group)
   redis.call('HSET', job, 'state', state)
   local q, entry = redis.call('HGET', job, 'queue'), redis.call('HGET', job, 'entry')
   if q and entry then
-    redis.call('XACK', q, group, entry)
+    pcall(redis.call, 'XACK', q, group, entry)  -- a deferred stream has no group
     redis.call('XDEL', q, entry)
   end
   redis.call('ZREM', mp .. 'leases', id)
@@ -61,19 +91,41 @@ end
 """
 
 # KEYS: job hash, queue stream, backlog hash.
-# ARGV: job id, payload, cost, ttl ms, group, priority.
-ENQUEUE = r"""
+# ARGV: job id, payload, cost, ttl ms, group, priority, tenant, fair-share quantum (tokens,
+#       0 = off), model prefix.
+# Fairness: a tenant holds at most ``quantum`` tokens of the shared queue of a priority (one
+# job at least); the rest waits, in order, in its own deferred stream and moves in as its jobs
+# leave. A newcomer's job is thus behind at most (active tenants x quantum) tokens.
+ENQUEUE = (
+    r"""
+"""
+    + _HELPERS
+    + r"""
+local mp, cost, tenant, quantum = ARGV[9], tonumber(ARGV[3]), ARGV[7], tonumber(ARGV[8])
 if redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[5], '0', 'MKSTREAM')
 end
-local entry = redis.call('XADD', KEYS[2], '*', 'job', ARGV[1], 'cost', ARGV[3])
+redis.call('HSET', mp .. 'fair', 'quantum', quantum)
+local share = mp .. 'share:' .. ARGV[6]
+local in_main = tonumber(redis.call('HGET', share, tenant) or '0')
+local queue, entry, inmain = KEYS[2], nil, 1
+if quantum <= 0 or in_main == 0 or in_main + cost <= quantum then
+  entry = redis.call('XADD', KEYS[2], '*', 'job', ARGV[1], 'cost', cost, 'tenant', tenant)
+  redis.call('HINCRBY', share, tenant, cost)
+else
+  queue = mp .. 'deferred:' .. ARGV[6] .. ':' .. tenant
+  entry = redis.call('XADD', queue, '*', 'job', ARGV[1], 'cost', cost)
+  inmain = 0
+end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'payload', ARGV[2], 'seq', 0, 'fence', 0,
-  'deliveries', 0, 'ntok', 0, 'queue', KEYS[2], 'entry', entry, 'cost', ARGV[3], 'prio', ARGV[6])
+  'deliveries', 0, 'ntok', 0, 'queue', queue, 'entry', entry, 'cost', cost, 'prio', ARGV[6],
+  'tenant', tenant, 'inmain', inmain)
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('HINCRBY', KEYS[3], ARGV[6] .. ':tokens', ARGV[3])
 redis.call('HINCRBY', KEYS[3], ARGV[6] .. ':jobs', 1)
 return entry
 """
+)
 
 # KEYS: the model's queues (highest priority first), then its wake stream.
 # ARGV: group, consumer, now ms, free tokens, idle (1/0), model prefix, lease ms, ttl ms,
