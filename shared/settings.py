@@ -30,4 +30,4 @@ class CommonSettings(BaseSettings):
         default=3600, gt=0, description="How long a job's event log and state stay readable"
     )
     log_format: str = Field(default="json", description="json (one object per line) or console")
-    log_level: str = Field(default="info")
+    log_level: str = Field(default="info", description="debug, info, warning or error")
