@@ -45,3 +45,5 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
         logging.getLogger(name).handlers = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    for chatty in ("httpx", "httpcore"):  # one INFO line per request otherwise
+        logging.getLogger(chatty).setLevel(logging.WARNING)

@@ -17,7 +17,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from worker.engines.sim import SimEngine, SimProfile
+from worker.engines import build_engine
 from worker.service import Worker
 from worker.settings import WorkerSettings
 
@@ -120,11 +120,27 @@ async def running_gateway(settings: GatewaySettings) -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
+async def running_app(app: Any, port: int) -> AsyncIterator[str]:
+    """Serve an app built by the test (``create_app`` plus test-only routes); yields its URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+@contextlib.asynccontextmanager
 async def running_worker(settings: WorkerSettings) -> AsyncIterator[Worker]:
     from shared.redis import connect
 
     redis = connect(settings.redis_url)
-    worker = Worker(settings, redis, SimEngine(SimProfile.from_settings(settings)))
+    worker = Worker(settings, redis, build_engine(settings))
     task = asyncio.create_task(worker.run())
     while not await redis.hexists(worker.keys.workers, worker.id):
         if task.done():

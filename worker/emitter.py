@@ -49,11 +49,13 @@ class EventEmitter:
         self.pending.append(StartedEvent(s=self.seq, worker=worker_id))
         await self.flush()
 
-    async def token(self, text: str) -> None:
+    async def token(self, text: str, engine_tokens: int = 1) -> None:
+        """Queue one token event; ``engine_tokens`` is how many engine tokens made its text
+        (more than one when a stop-sequence prefix was held back), counted into ``ntok``."""
         if self._lost is not None:
             raise self._lost
         self.pending.append(TokenEvent(s=self._next(), x=text))
-        self.pending_tokens += 1
+        self.pending_tokens += engine_tokens
         wait = self.last_write + self.interval_s - time.monotonic()
         if wait <= 0 and not self._lock.locked():
             await self.flush()

@@ -19,20 +19,31 @@ log = structlog.get_logger("slipstream.worker")
 
 @dataclass(slots=True)
 class Throughput:
-    """Tokens generated over a sliding window, for the registry's ``tokens_per_s``."""
+    """Tokens generated over a sliding window, for the registry's ``tokens_per_s``, and the
+    speed of one sequence (``seq_tokens_per_s``: a moving average over finished sequences)."""
 
     window_s: float = 10.0
     stamps: list[tuple[float, int]] = field(default_factory=list)
     total: int = 0
+    born: float = field(default_factory=time.monotonic)
+    seq_rate: float = 0.0
 
     def add(self, tokens: int) -> None:
         self.total += tokens
         self.stamps.append((time.monotonic(), tokens))
 
     def rate(self) -> float:
-        cutoff = time.monotonic() - self.window_s
+        now = time.monotonic()
+        cutoff = now - self.window_s
         self.stamps = [s for s in self.stamps if s[0] >= cutoff]
-        return sum(n for _, n in self.stamps) / self.window_s
+        window = min(self.window_s, max(1.0, now - self.born))  # a young worker: its age
+        return sum(n for _, n in self.stamps) / window
+
+    def sequence(self, tokens: int, seconds: float) -> None:
+        """One sequence generated ``tokens`` in ``seconds`` (from its start, TTFT included)."""
+        if tokens > 0 and seconds > 0:
+            speed = tokens / seconds
+            self.seq_rate = speed if self.seq_rate == 0 else 0.8 * self.seq_rate + 0.2 * speed
 
 
 @dataclass(slots=True)
@@ -72,24 +83,29 @@ async def run_job(
         stops = StopMatcher(job.params.stop)
         request = GenerationRequest(job, produced, claimed.tokens_done)
         finish = "length"
+        began = time.monotonic()
         stream = engine.generate(request)
+        held = 0  # engine tokens whose text is not delivered yet (a possible stop prefix)
         try:
             async for text in stream:
                 tokens += 1
+                held += 1
                 throughput.add(1)
                 out = stops.feed(text)
                 if out:
-                    await emitter.token(out)
+                    await emitter.token(out, engine_tokens=held)
+                    held = 0
                 if stops.stopped:
                     finish = "stop"
                     break
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
+        throughput.sequence(tokens, time.monotonic() - began)
         if finish == "length" and claimed.tokens_done + tokens < job.params.max_tokens:
             finish = "stop"  # the engine ended the sequence itself
         tail = stops.flush()
         if tail:
-            await emitter.token(tail)
+            await emitter.token(tail, engine_tokens=held)
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=claimed.tokens_done + tokens)
         await emitter.done(finish, usage)
         bound.info("job_completed", tokens=tokens, finish_reason=finish)

@@ -86,6 +86,12 @@ class WorkerSettings(SimSettings, LlamaSettings, UpstreamSettings):
         default=8192, gt=0, description="Token budget: sum of (prompt + max_tokens) in flight"
     )
     max_seqs: int = Field(default=8, gt=0, description="Most sequences generated at once")
+    context_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="Context length advertised to gateways, which refuse longer prompts with "
+        "a 400; 0: the engine's own (llama: n_ctx) or unknown",
+    )
     aging_normal_s: float = Field(
         default=10.0, ge=0, description="A normal job waiting this long is served before high"
     )
@@ -100,6 +106,7 @@ class WorkerSettings(SimSettings, LlamaSettings, UpstreamSettings):
         default=30.0, ge=0, description="On SIGTERM, how long in-flight jobs may finish"
     )
     metrics_port: int | None = Field(default=None, description="Port for the worker's /metrics")
+    metrics_host: str = Field(default="0.0.0.0", description="Address /metrics listens on")
     max_deliveries: int = Field(
         default=3, gt=0, description="A job delivered this often goes to the dead-letter stream"
     )

@@ -72,9 +72,8 @@ class Cluster:
 
     def gateway(self, **env: str) -> Proc:
         port = free_port()
-        proc = self._spawn(
-            f"gateway-{port}", ["gateway", "--port", str(port), "--model", "sim-model"], env
-        )
+        args = ["gateway", "--port", str(port), "--model", "sim-model", "--model", "gemma-3-270m"]
+        proc = self._spawn(f"gateway-{port}", args, env)
         proc.port = port
         wait_for_port(port, 20)
         return proc
@@ -82,6 +81,10 @@ class Cluster:
     def worker(self, worker_id: str, *extra: str, **env: str) -> Proc:
         args = ["worker", "--model", "sim-model", "--engine", "sim", "--worker-id", worker_id]
         return self._spawn(f"worker-{worker_id}", [*args, *extra], env)
+
+    def llama_worker(self, worker_id: str, *args: str) -> Proc:
+        """A worker with the real model (``args`` name model, engine and slots)."""
+        return self._spawn(f"worker-{worker_id}", ["worker", "--worker-id", worker_id, *args])
 
     async def wait_workers(self, n: int, timeout: float = 20.0) -> None:
         from shared.fleet import live_workers
@@ -191,9 +194,10 @@ async def stream_completion(
     headers: dict[str, str] | None = None,
     stop_after: int | None = None,
     timeout: float = 60.0,
+    model: str = "sim-model",
 ) -> None:
     body = {
-        "model": "sim-model",
+        "model": model,
         "prompt": prompt,
         "max_tokens": max_tokens,
         "stream": True,

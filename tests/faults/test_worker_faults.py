@@ -26,11 +26,11 @@ from tests.faults.cluster import (
 SIM = ("--max-seqs", "4", "--sim-ttft-ms", "5", "--sim-tokens-per-s", "100")
 
 
-async def owner_of(cluster: Cluster, job_id: str) -> str:
+async def owner_of(cluster: Cluster, job_id: str, model: str = "sim-model") -> str:
     redis = connect(cluster.redis.url)
     try:
         for _ in range(200):
-            owner = await redis.hget(Keys().job("sim-model", job_id), "owner")
+            owner = await redis.hget(Keys().job(model, job_id), "owner")
             if owner:
                 return str(owner)
             await asyncio.sleep(0.01)
