@@ -2,6 +2,7 @@
 # Installs the Debian/Ubuntu packages Slipstream needs that pip cannot provide.
 #   redis-server: the meeting point of gateway and workers (tests start their own)
 #   chromium:     headless browser for the dashboard test
+#   iproute2:     network namespaces for the multi-host test (ip netns)
 # Usage: scripts/install-system-deps.sh [extra packages...]
 set -euo pipefail
 packages=(redis-server "$@")

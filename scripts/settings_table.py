@@ -27,10 +27,8 @@ def env_name(cls: type[BaseSettings], name: str, field: FieldInfo) -> str:
 
 
 def default_text(field: FieldInfo) -> str:
-    if field.default_factory is not None:
-        value = field.default_factory()  # type: ignore[call-arg]
-    else:
-        value = field.default
+    factory = field.default_factory
+    value = factory() if factory is not None else field.default  # type: ignore[call-arg]
     return "" if value in ("", None, []) else f"`{value}`"
 
 
