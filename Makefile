@@ -44,3 +44,7 @@ clean:
 
 faults: deps
 	$(BIN)/pytest -m faults --trials 20
+
+.PHONY: bench-overload
+bench-overload: deps  ## overload run: 0.7 -> 2x burst -> 0.7 of capacity (docs/overload.md)
+	$(BIN)/python -m bench.overload --json bench/results/overload.json

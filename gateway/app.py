@@ -10,14 +10,15 @@ import structlog
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from redis.exceptions import RedisError
 from prometheus_client import CollectorRegistry
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.admission import Admission
 from gateway.auth import authenticate
 from gateway.metrics import GatewayMetrics
 from gateway.multiplexer import PubSubMultiplexer
+from gateway.openapi import document_limits
 from gateway.ratelimit import RateLimits
 from gateway.request_context import RequestContextMiddleware
 from gateway.routes import completions, dashboard, health, jobs, models
@@ -43,7 +44,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             settings=settings,
             redis=redis,
             keys=keys,
-            store=JobStore(redis, keys, ttl_s=settings.job_log_ttl_s),
+            store=JobStore(
+                redis,
+                keys,
+                ttl_s=settings.job_log_ttl_s,
+                fair_share_tokens=settings.fair_share_tokens,
+            ),
             mux=mux,
             admission=Admission(redis, keys, settings),
             limits=RateLimits(redis, settings.redis_url, settings.prefix),
@@ -77,6 +83,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(dashboard.router)
     app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app)
+    document_limits(app, settings)  # /openapi.json states the configured request limits
     return app
 
 

@@ -85,6 +85,8 @@ class Dispatch:
         end = time.monotonic() + timeout
         while not self.finished:
             try:
+                if self._past_deadline():
+                    await self._expire()
                 events = await self.events.next(min(1.0, max(0.0, end - time.monotonic())))
                 if events:
                     self._note(events)
@@ -108,6 +110,21 @@ class Dispatch:
         if self.observer is not None:
             self.observer.on_events(events)
 
+    def _past_deadline(self) -> bool:
+        deadline = self.job.deadline_at_ms
+        return deadline is not None and now_ms() >= deadline and not self.finished
+
+    async def _expire(self) -> None:
+        """The whole request's time budget is spent: stop it (an error event follows)."""
+        await self.store.cancel(
+            self.job.model,
+            self.job.id,
+            state=JobState.EXPIRED,
+            code="deadline_exceeded",
+            message="the request's deadline passed before it finished",
+            status=504,
+        )
+
     async def _enforce_limits(self) -> None:
         job, store = self.job, self.store
         if self.submit and await store.job_state(job.model, job.id) is None:
@@ -116,15 +133,8 @@ class Dispatch:
             log.warning("job_resubmitted", job_id=job.id, request_id=job.request_id)
             await store.enqueue(job)
             return
-        if job.deadline_at_ms is not None and now_ms() >= job.deadline_at_ms:
-            await store.cancel(
-                job.model,
-                job.id,
-                state=JobState.EXPIRED,
-                code="deadline_exceeded",
-                message="the request's deadline passed before it finished",
-                status=504,
-            )
+        if self._past_deadline():
+            await self._expire()
             return
         waited = time.monotonic() - self.created
         if not self.started and waited >= self.worker_wait_s:

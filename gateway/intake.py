@@ -21,6 +21,7 @@ from shared.models import Job, Priority, SamplingParams
 
 Body = TypeVar("Body", bound=BaseModel)
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 async def read_json(request: Request, limit: int) -> Any:
@@ -56,9 +57,14 @@ def _reject_constant(name: str) -> Any:
 
 
 def _reject_nul(value: Any, path: str) -> None:
+    """NUL characters and unpaired surrogates (``"\\ud800"``: valid JSON, not Unicode text)."""
     if isinstance(value, str):
         if "\x00" in value:
             raise InvalidRequest("strings must not contain NUL characters", param=path or None)
+        if SURROGATE.search(value):
+            raise InvalidRequest(
+                "strings must not contain unpaired UTF-16 surrogates", param=path or None
+            )
     elif isinstance(value, dict):
         for k, v in value.items():
             _reject_nul(k, path)
@@ -131,7 +137,7 @@ def build_job(
     tenant: str = "anonymous",
 ) -> Job:
     """The job for a validated body, checked against the gateway's limits."""
-    max_tokens = body.output_budget() or settings.default_max_tokens
+    max_tokens = body.output_budget() or min(settings.default_max_tokens, settings.max_tokens_cap)
     if max_tokens > settings.max_tokens_cap:
         raise InvalidRequest(
             f"max_tokens must be at most {settings.max_tokens_cap}", param="max_tokens"

@@ -16,6 +16,8 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
+from shared.aio import cancel_and_wait
+
 log = structlog.get_logger("slipstream.gateway")
 
 
@@ -56,9 +58,7 @@ class PubSubMultiplexer:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
         if self.pubsub is not None:
             with contextlib.suppress(RedisError, OSError):
                 await self.pubsub.aclose()  # type: ignore[no-untyped-call]

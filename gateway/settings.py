@@ -38,6 +38,12 @@ class GatewaySettings(CommonSettings):
         ge=0,
         description="A streaming job still queued after this long starts its SSE response",
     )
+    fair_share_tokens: int = Field(
+        default=8192,
+        ge=0,
+        description="Tokens one tenant may hold in a priority's shared queue; the rest waits "
+        "in its own deferred stream (0 = plain FIFO)",
+    )
     default_max_tokens: int = Field(default=256, gt=0, description="max_tokens when unset")
     max_tokens_cap: int = Field(default=4096, gt=0, description="Largest max_tokens accepted")
     max_body_bytes: int = Field(default=1_048_576, gt=0, description="Largest request body")

@@ -149,6 +149,8 @@ class WorkerInfo(BaseModel):
     tokens_in_use: int = 0
     seqs_in_use: int = 0
     tokens_per_s: float = 0.0
+    seq_tokens_per_s: float = 0.0  # one sequence's recent speed, TTFT included (0: unknown)
+    context_tokens: int = 0  # the model's context length (0: unknown); admission checks prompts
     healthy: bool = True
     draining: bool = False
     started_at_ms: int

@@ -1,4 +1,5 @@
-"""``slipstream``: one console script for every role (gateway, worker, sim-server, up, status).
+"""``slipstream``: one console script for every role (gateway, worker, sim-server, up, status,
+janitor, autoscale, worker-check).
 
 Flags override environment variables (``REDIS_URL``, ``SLIPSTREAM_*``); a flag left unset
 leaves the setting to the environment or its default.
@@ -10,7 +11,11 @@ from typing import Annotated, Any, Literal
 
 import typer
 
+from slipstream import ops_commands
+from slipstream.keys import app as keys_app
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app.add_typer(keys_app, name="keys")
 
 
 def _given(**flags: Any) -> dict[str, Any]:
@@ -116,6 +121,9 @@ def status(
     from slipstream.status import show_status
 
     show_status(watch)
+
+
+ops_commands.register(app)  # janitor, autoscale, worker-check
 
 
 def _engine(name: str) -> Literal["sim", "llama", "openai"]:

@@ -142,3 +142,114 @@ async def test_unknown_route_is_enveloped_404(client: httpx.AsyncClient) -> None
 async def test_health_and_ready(client: httpx.AsyncClient) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     assert (await client.get("/readyz")).status_code == 200
+
+
+BAD = "invalid_request"
+TIGHT_CASES: list[tuple[str, Any, int, str | None, str]] = [
+    ("unpaired surrogate", b'{"model":"sim-model","prompt":"\\ud83a"}', 400, "prompt", BAD),
+    ("deadline zero", {"prompt": "hi", "deadline_ms": 0}, 400, "deadline_ms", "invalid_request"),
+    ("deadline float", {"prompt": "hi", "deadline_ms": 1.5}, 400, "deadline_ms", "invalid_request"),
+    ("bool max_tokens", {"prompt": "hi", "max_tokens": True}, 400, "max_tokens", "invalid_request"),
+    ("float seed", {"prompt": "hi", "seed": 1.5}, 400, "seed", "invalid_request"),
+    ("huge seed", {"prompt": "hi", "seed": 2**70}, 400, "seed", "invalid_request"),
+    ("stop too long", {"prompt": "hi", "stop": "abcdefgh"}, 400, "stop", "invalid_request"),
+    ("prompt not text", {"prompt": ["a", "b"]}, 400, "prompt", "invalid_request"),
+    ("priority number", {"prompt": "hi", "priority": 1}, 400, "priority", "invalid_request"),
+    ("infinity", b'{"model":"sim-model","prompt":"x","top_p":Infinity}', 400, None, BAD),
+    (
+        "prompt too long",
+        {"prompt": "x" * 400},
+        400,
+        "prompt",
+        "context_length_exceeded",
+    ),
+]  # fmt: skip
+TIGHT_CHAT_CASES: list[tuple[str, Any, int, str | None, str]] = [
+    ("too many messages", {"messages": MSG * 4}, 400, "messages", "invalid_request"),
+    (
+        "completion tokens over cap",
+        {"messages": MSG, "max_completion_tokens": 65},
+        400,
+        "max_tokens",
+        "invalid_request",
+    ),
+    ("content not text", {"messages": [{"role": "user", "content": 5}]}, 400, None, BAD),
+    ("tool role", {"messages": [{"role": "tool", "content": "x"}]}, 400, None, "invalid_request"),
+]  # fmt: skip
+
+
+@pytest.fixture
+async def tight(redis_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A gateway with small limits, so each limit is reachable under the body cap."""
+    settings = gateway_settings(
+        redis_url, max_messages=3, max_prompt_tokens=50, max_stop_chars=5, max_tokens_cap=64
+    )
+    async with running_gateway(settings) as base, httpx.AsyncClient(base_url=base) as http:
+        yield http
+
+
+async def check_refused(
+    response: httpx.Response, redis: Redis, status: int, param: str | None, code: str
+) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"]
+    if param is not None:
+        assert error["param"] == param
+    assert "Traceback" not in response.text
+    assert await queued(redis) == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "status", "param", "code"), TIGHT_CASES, ids=[c[0] for c in TIGHT_CASES]
+)
+async def test_bad_completion_request(
+    tight: httpx.AsyncClient,
+    redis: Redis,
+    name: str,
+    body: Any,
+    status: int,
+    param: str | None,
+    code: str,
+) -> None:
+    kwargs: dict[str, Any] = (
+        {"content": body} if isinstance(body, bytes) else {"json": {"model": "sim-model", **body}}
+    )
+    response = await tight.post("/v1/completions", **kwargs)
+    await check_refused(response, redis, status, param, code)
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "status", "param", "code"),
+    TIGHT_CHAT_CASES,
+    ids=[c[0] for c in TIGHT_CHAT_CASES],
+)
+async def test_bad_chat_request_against_limits(
+    tight: httpx.AsyncClient,
+    redis: Redis,
+    name: str,
+    body: Any,
+    status: int,
+    param: str | None,
+    code: str,
+) -> None:
+    response = await tight.post("/v1/chat/completions", json={"model": "sim-model", **body})
+    await check_refused(response, redis, status, param, code)
+
+
+@pytest.mark.parametrize(
+    ("headers", "param"),
+    [
+        ({"X-Deadline-Ms": "0"}, "X-Deadline-Ms"),
+        ({"X-Priority": ""}, "X-Priority"),
+        ({"X-Cancel-On-Disconnect": "maybe"}, "X-Cancel-On-Disconnect"),
+        ({"Idempotency-Key": "k" * 300}, "Idempotency-Key"),
+    ],
+)
+async def test_more_bad_headers(
+    tight: httpx.AsyncClient, redis: Redis, headers: dict[str, str], param: str
+) -> None:
+    response = await tight.post(
+        "/v1/completions", json={"model": "sim-model", "prompt": "hi"}, headers=headers
+    )
+    await check_refused(response, redis, 400, param, "invalid_request")

@@ -12,8 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_configuration_tables_are_current() -> None:
     generated = subprocess.run(
-        [sys.executable, "scripts/settings_table.py"], cwd=ROOT, capture_output=True, text=True,
-        check=True, env={"PYTHONPATH": str(ROOT)},
+        [sys.executable, "scripts/settings_table.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(ROOT)},
     ).stdout.strip()
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- settings:begin -->")[1].split("<!-- settings:end -->")[0]

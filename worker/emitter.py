@@ -89,8 +89,9 @@ class EventEmitter:
         await self._finish(JobState.FAILED)
 
     async def _finish(self, state: JobState) -> None:
-        if self._flusher is not None and not self._flusher.done():
-            self._flusher.cancel()
+        # No cancelling a pending flusher here: one cancelled inside ``store.emit`` loses the
+        # batch it took (the end then follows a gap no reader can fill). Taking the lock after
+        # it keeps the order; a flusher still asleep later finds nothing pending.
         await self.flush(terminal=state)
 
     async def aclose(self) -> None:

@@ -12,12 +12,14 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from shared.aio import cancel_and_wait
 from shared.jobs import Claimed, JobStore, now_ms
 from shared.keys import Keys
 from shared.models import Priority, WorkerInfo
 from worker.capacity import Capacity
 from worker.engine import Engine
 from worker.job_runner import Throughput, run_job
+from worker.metrics import WorkerMetrics
 from worker.registry import Registry, default_worker_id
 from worker.settings import WorkerSettings
 
@@ -40,6 +42,7 @@ class Worker:
         self.running: dict[str, tuple[asyncio.Task[object], Claimed]] = {}
         self.stopping = asyncio.Event()
         self.registry = Registry(redis, self.keys, self._info())
+        self.metrics = WorkerMetrics.for_worker(self)
         self.aging_ms = {
             Priority.NORMAL: int(settings.aging_normal_s * 1000),
             Priority.LOW: int(settings.aging_low_s * 1000),
@@ -58,6 +61,7 @@ class Worker:
             started_at_ms=now_ms(),
             heartbeat_at_ms=now_ms(),
             metrics_port=s.metrics_port,
+            context_tokens=s.context_tokens or (s.n_ctx if s.engine == "llama" else 0),
         )
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -71,15 +75,15 @@ class Worker:
             asyncio.create_task(self._control_loop(), name="control"),
         ]
         try:
+            await self.metrics.start_server(self.settings.metrics_port, self.settings.metrics_host)
             await self._pull_loop()
             await self._drain()
         finally:
-            for task in helpers:
-                task.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            await cancel_and_wait(helpers)
             with suppress(RedisError, OSError):
                 await self.registry.leave()
             await self.engine.close()
+            await self.metrics.stop_server()
             log.info("worker_stopped", worker_id=self.id)
 
     def stop(self) -> None:
@@ -145,11 +149,9 @@ class Worker:
         waiter: asyncio.Future[Any] = asyncio.ensure_future(read)
         stopper = asyncio.create_task(self.stopping.wait())
         done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        if waiter not in done:
-            waiter.cancel()
-        with suppress(asyncio.CancelledError):
-            await waiter
+        await cancel_and_wait([stopper, waiter] if waiter not in done else [stopper])
+        if waiter.done() and not waiter.cancelled():
+            waiter.exception()  # retrieved: a failed read is retried by the next pull
 
     async def _sleep_unless_stopping(self, seconds: float) -> None:
         with suppress(TimeoutError):
@@ -162,8 +164,9 @@ class Worker:
         self.running[claimed.job.id] = (task, claimed)
 
     async def _run(self, claimed: Claimed) -> object:
+        outcome = "crashed"
         try:
-            return await run_job(
+            result = await run_job(
                 store=self.store,
                 engine=self.engine,
                 claimed=claimed,
@@ -171,13 +174,17 @@ class Worker:
                 coalesce_s=self.settings.coalesce_ms / 1000,
                 throughput=self.throughput,
             )
+            outcome = result.state
+            return result
         except asyncio.CancelledError:
+            outcome = "cancelled"
             log.info("job_cancelled", job_id=claimed.job.id)
             return None
         except Exception:
             log.exception("job_crashed", job_id=claimed.job.id)
             return None
         finally:
+            self.metrics.job_ended(outcome)
             self.running.pop(claimed.job.id, None)
             self.capacity.release(claimed.job.cost_tokens)
 
@@ -193,6 +200,7 @@ class Worker:
             "tokens_in_use": self.capacity.tokens_in_use,
             "seqs_in_use": self.capacity.seqs_in_use,
             "tokens_per_s": round(self.throughput.rate(), 3),
+            "seq_tokens_per_s": round(self.throughput.seq_rate, 3),
             "healthy": self.engine.healthy(),
             "draining": self.stopping.is_set(),
         }

@@ -24,6 +24,10 @@ class SimSettings(CommonSettings):
     sim_fail_prompt: str = Field(
         default="", description="A prompt containing this text makes the simulator fail (tests)"
     )
+    sim_crash_prompt: str = Field(
+        default="",
+        description="A prompt containing this text kills the simulating worker process (tests)",
+    )
 
 
 class LlamaSettings(CommonSettings):

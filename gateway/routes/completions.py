@@ -7,7 +7,10 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from gateway.auth import api_key_of, authorize, tenant_of
 from gateway.intake import build_job, parse, read_json
+from gateway.openapi import json_body
+from gateway.request_context import bind_job
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.state import GatewayState, gateway_state
 from gateway.streaming import collect_response, new_dispatch, stream_response, writer_for
@@ -19,12 +22,12 @@ router = APIRouter()
 Kind = Literal["chat", "completion"]
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     return await generate(request, "chat")
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
 async def completions(request: Request) -> Response:
     return await generate(request, "completion")
 
@@ -43,9 +46,13 @@ async def accept(request: Request, kind: Kind | None) -> tuple[GatewayState, Job
     body: ChatCompletionRequest | CompletionRequest = (
         parse(ChatCompletionRequest, data) if kind == "chat" else parse(CompletionRequest, data)
     )
-    job = build_job(request, body, state.settings)
+    request.state.model = body.model  # labels an admission rejection's metric
+    job = build_job(request, body, state.settings, tenant=tenant_of(request))
     job.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    authorize(request, job)  # 403 for a model the key may not use; priority ceiling
     await ensure_known_model(state, job.model)
+    await state.admission.check(job)  # 400 context / 429 deadline or queue full
+    request.state.rate_headers = await state.limits.charge(api_key_of(request), job)  # 429
     return state, job, body.stream
 
 
@@ -56,12 +63,19 @@ async def generate(request: Request, kind: Kind) -> Response:
     if existing is not None:
         job = existing
     headers = {"X-Request-Id": job.request_id, "X-Slipstream-Job-Id": job.id}
+    headers.update(request.state.rate_headers)
     cancel = cancel_on_disconnect(request) and submit
     dispatch = new_dispatch(state, job, submit=submit, cancel_on_exit=cancel)
+    bind_job(job)
+    observer = dispatch.observer = state.metrics.observe(job, stream=stream, timed=submit)
     writer = writer_for(job)
-    if stream:
-        return await stream_response(state, dispatch, writer, headers)
-    return await collect_response(request, dispatch, writer, headers)
+    try:
+        if stream:
+            return await stream_response(state, dispatch, writer, headers)
+        return await collect_response(request, dispatch, writer, headers)
+    except BaseException:
+        observer.on_exit(dispatch, error=True)  # a no-op when the dispatch recorded its end
+        raise
 
 
 def cancel_on_disconnect(request: Request) -> bool:

@@ -13,18 +13,16 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from gateway.auth import tenant_of
+from gateway.openapi import json_body
 from gateway.routes.completions import accept, claim_idempotency_key
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.state import GatewayState, gateway_state
 from gateway.streaming import new_dispatch, stream_response, writer_for
 from shared.errors import InvalidRequest, NotFound
 from shared.models import DoneEvent, ErrorEvent, Job, JobState, TokenEvent
 
 router = APIRouter()
-
-
-def tenant_of(request: Request) -> str:
-    tenant = getattr(request.state, "tenant", None)
-    return tenant if isinstance(tenant, str) else "anonymous"
 
 
 async def find_job(state: GatewayState, request: Request, job_id: str) -> Job:
@@ -35,7 +33,11 @@ async def find_job(state: GatewayState, request: Request, job_id: str) -> Job:
     return job
 
 
-@router.post("/v1/jobs", status_code=202)
+@router.post(
+    "/v1/jobs",
+    status_code=202,
+    openapi_extra=json_body(ChatCompletionRequest, CompletionRequest),
+)
 async def submit_job(request: Request) -> JSONResponse:
     state, job, _ = await accept(request, None)
     existing = await claim_idempotency_key(state, request, job)
@@ -44,6 +46,7 @@ async def submit_job(request: Request) -> JSONResponse:
     job = existing or job
     body = {"id": job.id, "object": "slipstream.job", "model": job.model, "status": "queued"}
     headers = {"X-Request-Id": job.request_id, "X-Slipstream-Job-Id": job.id}
+    headers.update(getattr(request.state, "rate_headers", None) or {})
     return JSONResponse(body, status_code=200 if existing else 202, headers=headers)
 
 
@@ -85,6 +88,10 @@ async def get_job(request: Request, job_id: str) -> dict[str, Any]:
                 result["finish_reason"] = event.finish_reason
             elif isinstance(event, ErrorEvent):
                 result["error"] = {"code": event.code, "message": event.message}
+    if fields.get("state") == "queued":
+        place = await state.admission.position(job)
+        if place is not None:
+            result["queue"] = {"position": place.position, "eta_ms": place.eta_ms}
     return {
         "id": job.id,
         "object": "slipstream.job",

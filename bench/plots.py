@@ -1,0 +1,174 @@
+"""The PNG plots next to docs/benchmarks.md (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from bench.arms import LABELS
+
+COLORS = {
+    "oracle": "#444444",
+    "direct": "#8c8c8c",
+    "nginx-rr": "#e15759",
+    "nginx-lc": "#f28e2b",
+    "haproxy": "#4e79a7",
+    "slipstream": "#59a14f",
+}
+
+
+def _save(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def overhead_png(results: dict[str, Any], path: Path) -> None:
+    arms = (results.get("overhead") or {}).get("ttft", {}).get("arms")
+    if not arms:
+        return
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    names = list(arms)
+    for i, q in enumerate(("p50", "p99")):
+        values = [arms[n].get(f"ttft_{q}_ms") or 0 for n in names]
+        lows = [
+            v - (arms[n].get(f"ttft_{q}_ms_min") or v) for n, v in zip(names, values, strict=True)
+        ]
+        highs = [
+            (arms[n].get(f"ttft_{q}_ms_max") or v) - v for n, v in zip(names, values, strict=True)
+        ]
+        xs = [j + (i - 0.5) * 0.38 for j in range(len(names))]
+        ax.bar(
+            xs,
+            values,
+            0.38,
+            yerr=[lows, highs],
+            capsize=3,
+            label=f"TTFT {q}",
+            color=["#9ecae1", "#3182bd"][i],
+        )
+    ax.set_xticks(range(len(names)), [LABELS.get(n, n) for n in names], fontsize=8)
+    ax.set_ylabel("ms")
+    ax.set_title("Time to first token, one request at a time (instant model)")
+    ax.legend()
+    _save(fig, path)
+
+
+def _series(section: dict[str, Any], name: str, field: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for load in section["loads"]:
+        s = section["arms"][name]["loads"].get(str(load))
+        if s and s.get(field) is not None:
+            xs.append(load)
+            ys.append(s[field])
+    return xs, ys
+
+
+def balance_png(results: dict[str, Any], path: Path) -> None:
+    section = results.get("balance")
+    if not section or "arms" not in section:
+        return
+    panels = [
+        ("ttft_p99_ms", "TTFT p99 (ms, log)", True),
+        ("e2e_p99_ms", "end-to-end p99 (ms, log)", True),
+        ("goodput_pct", "goodput (% of requests)", False),
+        ("slow_share_pct", "work on the slow backend (%)", False),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, (field, title, log) in zip(axes.flat, panels, strict=True):
+        for name in section["arms"]:
+            xs, ys = _series(section, name, field)
+            style = "--" if name == "oracle" else "-"
+            ax.plot(xs, ys, style, marker="o", label=LABELS.get(name, name), color=COLORS.get(name))
+        ax.set_title(title)
+        ax.set_xlabel("offered load (fraction of capacity)")
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    _save(fig, path)
+
+
+def cdf_png(results: dict[str, Any], path: Path) -> None:
+    section = results.get("balance")
+    if not section or "arms" not in section:
+        return
+    key = str(section["key_load"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, arm in section["arms"].items():
+        values = arm.get("ttft_samples", {}).get(key) or []
+        if values:
+            ys = [(i + 1) / len(values) for i in range(len(values))]
+            ax.step(values, ys, where="post", label=LABELS.get(name, name), color=COLORS.get(name))
+    ax.set_xscale("log")
+    ax.set_xlabel("time to first token (ms, log)")
+    ax.set_ylabel("fraction of served requests")
+    ax.set_title(f"TTFT distribution at load {key} (first repetition)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def streams_png(results: dict[str, Any], path: Path) -> None:
+    rows = [r for r in (results.get("streams") or {}).get("rows", []) if "failed" not in r]
+    if not rows:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ns = [r["streams"] for r in rows]
+    a.plot(ns, [r["kb_per_stream"] for r in rows], marker="o", color=COLORS["slipstream"])
+    a.axhline(30, ls="--", color="grey", label="target 30 KB")
+    a.set_title("gateway memory per open stream (KB)")
+    b.plot(ns, [r["delivery_p99_ms"] or 0 for r in rows], marker="o", label="delivery p99")
+    b.plot(ns, [r["healthz"].get("p99_ms") or 0 for r in rows], marker="s", label="/healthz p99")
+    b.axhline(50, ls="--", color="grey", label="target 50 ms")
+    b.set_title("latency (ms)")
+    for ax in (a, b):
+        ax.set_xlabel("concurrent streams")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def fleet_png(results: dict[str, Any], path: Path) -> None:
+    section = results.get("fleet")
+    if not section or not section.get("arms"):
+        return
+    arms = section["arms"]
+    fig, axes = plt.subplots(len(arms), 1, figsize=(9, 2.4 * len(arms)), sharex=True, squeeze=False)
+    for ax, (name, arm) in zip(axes[:, 0], arms.items(), strict=True):
+        ok = [(t, v) for t, v, o, _ in arm["timeline"] if v is not None and o in ("ok", "late")]
+        bad = [t for t, v, o, _ in arm["timeline"] if o not in ("ok", "late")]
+        ax.scatter(
+            [t for t, _ in ok], [v for _, v in ok], s=6, color=COLORS.get(name), label="TTFT"
+        )
+        ax.scatter(bad, [1.0] * len(bad), s=14, marker="x", color="black", label="not served")
+        for event in arm["events"]:
+            ax.axvline(event["at_s"], ls="--", color="grey")
+            ax.text(event["at_s"], 1.0, f" {event['event']}", fontsize=8, va="bottom")
+        ax.set_yscale("log")
+        ax.set_ylabel("TTFT ms")
+        ax.set_title(LABELS.get(name, name), fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("arrival time (s)")
+    axes[0, 0].legend(fontsize=8, loc="upper right")
+    _save(fig, path)
+
+
+def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
+    made = []
+    for name, draw in (
+        ("bench_overhead.png", overhead_png),
+        ("bench_balance.png", balance_png),
+        ("bench_ttft_cdf.png", cdf_png),
+        ("bench_streams.png", streams_png),
+        ("bench_fleet.png", fleet_png),
+    ):
+        draw(results, out / name)
+        if (out / name).exists():
+            made.append(out / name)
+    return made

@@ -1,0 +1,191 @@
+"""Experiment 3, scale of streams: N concurrent SSE streams on one gateway process, each
+delivering 1 token/s, keep-alive pings on.
+
+Measured while all N are open (the hold): the gateway's resident memory per stream (over its
+RSS before the ramp), delivery latency from publish to client (the worker's ``EMIT`` script
+logs and publishes each batch at once, so the log entry's Redis timestamp is the publish
+time; the client stamps arrival with the same wall clock), and event-loop lag as the round
+trip of ``GET /healthz`` from a separate probe process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.arms import SlipstreamArm
+from bench.client import Stamps, Target, one_request, run_closed
+from bench.fleet import MODEL, Backend
+from bench.process import PYTHON, own_cpu_seconds
+from bench.result import Result
+from bench.stats import percentile
+from bench.trace import TraceRequest
+
+
+async def _loop_lag(stop: asyncio.Event, lags: list[float]) -> None:
+    """The load generator's own event-loop lag (sleep overshoot), for context."""
+    while not stop.is_set():
+        started = time.perf_counter()
+        await asyncio.sleep(0.05)
+        lags.append((time.perf_counter() - started - 0.05) * 1000)
+
+
+async def _probe(url: str, seconds: float) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        PYTHON,
+        "-m",
+        "bench.probe",
+        "--url",
+        url,
+        "--seconds",
+        str(seconds),
+        "--hz",
+        "20",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), seconds + 30)
+        return dict(json.loads(out))
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def _delivery(
+    arm: SlipstreamArm, sampled: list[tuple[Result, Stamps]], since: float
+) -> list[float]:
+    """Publish-to-client latency (ms) of sampled tokens that arrived after ``since`` (wall)."""
+    from shared.jobs import JobStore
+    from shared.keys import Keys
+
+    store = JobStore(arm.redis, Keys(), ttl_s=3600)
+    out: list[float] = []
+    for result, stamps in sampled:
+        if not result.job_id or not stamps:
+            continue
+        published: dict[int, int] = {}
+        for entry in await store.read_log(MODEL, result.job_id):
+            ms = int(entry.stream_id.split("-")[0])
+            for event in entry.batch.events:
+                if event.t == "token":
+                    published[event.s] = ms
+        out += [
+            wall * 1000 - published[seq]
+            for seq, wall in stamps
+            if wall >= since and seq in published
+        ]
+    return out
+
+
+async def _open(
+    target: Target, n: int, plan: Any, tokens: int
+) -> tuple[list[Result], list[tuple[Result, Stamps]], list[asyncio.Task[Result]]]:
+    every = max(1, n // plan.stream_sample)
+    results: list[Result] = []
+    sampled: list[tuple[Result, Stamps]] = []
+    tasks: list[asyncio.Task[Result]] = []
+    t0 = time.perf_counter()
+    for i in range(n):
+        delay = t0 + i / plan.stream_ramp_per_s - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        req = TraceRequest(
+            i, i / plan.stream_ramp_per_s, f"stream {i}", tokens, "normal", 3_600_000
+        )
+        result = Result(req.idx, req.at_s, req.priority, req.max_tokens, req.deadline_ms)
+        stamps: Stamps | None = [] if i % every == 0 else None
+        if stamps is not None:
+            sampled.append((result, stamps))
+        results.append(result)
+        coro = one_request(target, req, t0, timeout_s=3600, stamps=stamps, result=result)
+        tasks.append(asyncio.create_task(coro))
+    return results, sampled, tasks
+
+
+async def _wait_open(results: list[Result], timeout: float) -> float:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if sum(1 for r in results if r.status == 200) >= len(results):
+            break
+        await asyncio.sleep(0.2)
+    return sum(1 for r in results if r.status == 200)
+
+
+async def _hold(arm: SlipstreamArm, plan: Any) -> tuple[list[int], dict[str, Any]]:
+    """Sample the gateway's RSS while the probe runs; also the CPU cores each component used."""
+    assert arm.gateway is not None
+    probe = asyncio.create_task(_probe(f"{arm.target().base_url}/healthz", plan.stream_hold_s))
+    arm.group.mark_cpu()
+    client_cpu, started = own_cpu_seconds(), time.monotonic()
+    rss: list[int] = []
+    while time.monotonic() < started + plan.stream_hold_s:
+        rss.append(arm.gateway.rss_bytes())
+        await asyncio.sleep(0.5)
+    probed = await probe
+    took = time.monotonic() - started
+    cores = {k: round(v / took, 2) for k, v in arm.group.cpu_since_mark().items()}
+    cores["client"] = round((own_cpu_seconds() - client_cpu) / took, 2)
+    return rss, probed | {"cpu_cores": cores}
+
+
+async def one_count(n: int, plan: Any, workdir: Path) -> dict[str, Any]:
+    fleet = [Backend("streamer", slots=n + 64, tokens_per_s=1.0, ttft_ms=0.0)]
+    gw_env = {"SLIPSTREAM_SSE_PING_S": str(plan.stream_ping_s)}
+    ramp_s = n / plan.stream_ramp_per_s
+    tokens = int(ramp_s + plan.stream_hold_s + 60)
+    async with SlipstreamArm(fleet, workdir / f"streams-{n}", gateway_env=gw_env) as arm:
+        assert arm.gateway is not None
+        warm = [TraceRequest(10**7 + i, 0.0, "warm", 1, "normal", 60_000) for i in range(16)]
+        await run_closed(arm.target(), warm, concurrency=16)
+        await asyncio.sleep(1.0)
+        baseline = arm.gateway.rss_bytes()
+        stop, lags = asyncio.Event(), []
+        lagger = asyncio.create_task(_loop_lag(stop, lags))
+        results, sampled, tasks = await _open(arm.target(), n, plan, tokens)
+        try:
+            opened = await _wait_open(results, 30 + ramp_s)
+            await asyncio.sleep(2.0)  # let the ramp's burst settle
+            since = time.time()
+            tokens_before = sum(len(s) for _, s in sampled)
+            rss, probe = await _hold(arm, plan)
+            sampled_rate = (sum(len(s) for _, s in sampled) - tokens_before) / plan.stream_hold_s
+            latencies = await _delivery(arm, sampled, since)
+        finally:
+            stop.set()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, lagger, return_exceptions=True)
+    plateau = statistics.median(rss) if rss else 0
+    return {
+        "streams": n,
+        "opened": opened,
+        "errors": sorted({r.error for r in results if r.error})[:3],
+        "rss_baseline_mb": round(baseline / 2**20, 1),
+        "rss_plateau_mb": round(plateau / 2**20, 1),
+        "kb_per_stream": round((plateau - baseline) / 1024 / max(1, opened), 2),
+        "delivery_p50_ms": percentile(latencies, 50),
+        "delivery_p99_ms": percentile(latencies, 99),
+        "delivery_samples": len(latencies),
+        "tokens_per_s_per_stream": round(sampled_rate / max(1, len(sampled)), 3),
+        "healthz": {k: v for k, v in probe.items() if k != "cpu_cores"},
+        "cpu_cores": probe.get("cpu_cores", {}),
+        "client_loop_lag_p99_ms": percentile(lags, 99),
+    }
+
+
+async def run_streams(plan: Any, workdir: Path) -> dict[str, Any]:
+    rows = []
+    for n in plan.stream_counts:
+        try:
+            rows.append(await one_count(n, plan, workdir))
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            rows.append({"streams": n, "failed": f"{type(exc).__name__}: {exc}"[:500]})
+            print(f"streams {n}: {exc}", file=sys.stderr)
+            break
+    return {"rows": rows, "ping_s": plan.stream_ping_s, "ramp_per_s": plan.stream_ramp_per_s}

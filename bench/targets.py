@@ -1,0 +1,145 @@
+"""The issue's targets, checked against a results dict: the headline table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+Row = tuple[str, str, str, str]
+
+
+def _verdict(ok: bool | None) -> str:
+    return "-" if ok is None else ("yes" if ok else "**no**")
+
+
+def _get(d: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def overhead_rows(results: dict[str, Any]) -> list[Row]:
+    arms = _get(results, "overhead", "ttft", "arms") or {}
+    slip, nginx = arms.get("slipstream", {}), arms.get("nginx-rr", {})
+    rows: list[Row] = []
+    for q, target in (("p50", 1.5), ("p99", 5.0)):
+        value = slip.get(f"added_{q}_ms")
+        other = nginx.get(f"added_{q}_ms")
+        measured = "-" if value is None else f"{value:.2f} ms"
+        if other is not None:
+            measured += f" (nginx: {other:.2f} ms)"
+        ok = None if value is None else value <= target
+        rows.append((f"Added TTFT {q} over direct", f"≤ {target} ms", measured, _verdict(ok)))
+    relay = _get(results, "overhead", "relay", "slipstream")
+    if relay:
+        tps, ceiling = relay["tokens_per_s"], relay.get("gateway_core_ceiling_tps") or 0
+        gw = relay["cpu_us_per_token"].get("gateway")
+        measured = f"{tps:,.0f} delivered here; {ceiling:,.0f} at one full core ({gw} µs/token)"
+        rows.append(
+            (
+                "Tokens/s through one gateway process",
+                "≥ 25,000",
+                measured,
+                _verdict(max(tps, ceiling) >= 25_000),
+            )
+        )
+    return rows
+
+
+def balance_rows(results: dict[str, Any]) -> list[Row]:
+    section = results.get("balance") or {}
+    key = str(section.get("key_load"))
+    arms = section.get("arms") or {}
+
+    def at(name: str, field: str) -> float | None:
+        value = _get(arms, name, "loads", key, field)
+        return value if isinstance(value, int | float) else None
+
+    slip, rr, ha = (
+        at("slipstream", "ttft_p99_ms"),
+        at("nginx-rr", "ttft_p99_ms"),
+        at("haproxy", "ttft_p99_ms"),
+    )
+    rows: list[Row] = []
+    if slip is not None and rr is not None:
+        rows.append(
+            (
+                f"p99 TTFT at load {key} vs nginx round-robin",
+                "≤ 0.5x",
+                f"{slip:.0f} vs {rr:.0f} ms ({slip / rr:.2f}x)",
+                _verdict(slip <= 0.5 * rr),
+            )
+        )
+    if slip is not None and ha is not None:
+        rows.append(
+            (
+                f"p99 TTFT at load {key} vs haproxy leastconn",
+                "≤ 1x",
+                f"{slip:.0f} vs {ha:.0f} ms ({slip / ha:.2f}x)",
+                _verdict(slip <= ha),
+            )
+        )
+    good, oracle = at("slipstream", "goodput_pct"), at("oracle", "goodput_pct")
+    if good is not None and oracle:
+        rows.append(
+            (
+                f"Goodput at load {key} vs oracle",
+                "≥ 90%",
+                f"{good:.1f}% vs {oracle:.1f}% ({100 * good / oracle:.0f}%)",
+                _verdict(good >= 0.9 * oracle),
+            )
+        )
+    return rows
+
+
+def streams_rows(results: dict[str, Any]) -> list[Row]:
+    rows_in = [r for r in _get(results, "streams", "rows") or [] if "failed" not in r]
+    if not rows_in:
+        return []
+    top = max(rows_in, key=lambda r: r["streams"])
+    kb, p99 = top["kb_per_stream"], top["delivery_p99_ms"]
+    tried_10k = top["streams"] >= 10_000
+    size_ok = kb <= 30 and (top["opened"] >= 10_000 if tried_10k else None)
+    size_verdict = _verdict(size_ok) if tried_10k or kb > 30 else "not tried (quick mode)"
+    rows: list[Row] = [
+        (
+            "Streams in one gateway process",
+            "≥ 10,000 at ≤ 30 KB each",
+            f"{top['opened']:.0f} open at {kb:.1f} KB each",
+            size_verdict,
+        ),
+    ]
+    if p99 is not None:
+        rows.append(
+            (
+                f"Delivery p99 at {top['streams']} streams",
+                "< 50 ms",
+                f"{p99:.1f} ms",
+                _verdict(p99 < 50),
+            )
+        )
+    return rows
+
+
+def fleet_rows(results: dict[str, Any]) -> list[Row]:
+    slip = _get(results, "fleet", "arms", "slipstream")
+    if not slip:
+        return []
+    errors = slip["summary"]["outcomes"]["error"]
+    share = slip["joiner_share_pct"]
+    measured = f"{'; '.join(slip['actions'])}; {errors} errors; {share:.0f}% of work on the new one"
+    return [
+        (
+            "Join + leave mid-run, Slipstream",
+            "no reconfiguration, no errors",
+            measured,
+            _verdict(errors == 0),
+        )
+    ]
+
+
+def headline(results: dict[str, Any]) -> list[Row]:
+    return (
+        overhead_rows(results) + balance_rows(results) + streams_rows(results) + fleet_rows(results)
+    )

@@ -1,0 +1,91 @@
+"""Smoke test of the benchmark harness (bench/): it runs end to end on tiny traces.
+
+It proves the harness works — the oracle, the direct arm and the Slipstream arm (plus the
+streams and fleet-change experiments) produce results of the right shape, requests are served
+and the report is written — not the performance figures, which ``make bench`` measures.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.oracle import simulate
+from bench.result import OK
+from bench.sse import Dechunker, SSEParser
+from bench.trace import TraceSpec, make_trace
+
+pytestmark = pytest.mark.slow
+
+
+def test_trace_is_seeded_and_oracle_serves_everything() -> None:
+    from bench.fleet import balance_fleet
+
+    spec = TraceSpec(rate_per_s=20.0, duration_s=5.0)
+    trace = make_trace(spec, seed=3)
+    assert trace == make_trace(spec, seed=3)
+    assert trace != make_trace(spec, seed=4)
+    assert all(spec.min_tokens <= r.max_tokens <= spec.max_tokens for r in trace)
+    results = simulate(trace, balance_fleet())
+    assert [r.idx for r in results] == [r.idx for r in trace]
+    assert all(r.outcome == OK and r.ttft_ms is not None for r in results)
+
+
+def test_sse_parser_counts_tokens_across_chunk_boundaries() -> None:
+    token = b'id: 1\ndata: {"choices":[{"text":" a","finish_reason":null}]}\n\n'
+    end = b'data: {"choices":[{"text":"","finish_reason":"length"}]}\n\ndata: [DONE]\n\n'
+    body = token * 3 + b": ping\n\n" + end
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (body[:7], body[7:50], body[50:]))
+    dechunker, parser = Dechunker(), SSEParser(track_ids=True)
+    for i in range(0, len(chunked + b"0\r\n\r\n"), 5):
+        parser.feed(dechunker.feed((chunked + b"0\r\n\r\n")[i : i + 5]))
+    assert dechunker.done
+    assert (parser.tokens, parser.pings, parser.done) == (3, 1, True)
+    assert parser.finish_reason == "length" and parser.ids == [1, 1, 1]
+
+
+def test_smoke_run_end_to_end(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "smoke-latest.json").read_text())
+    assert {"plan", "machine", "overhead", "balance", "streams", "fleet"} <= set(results)
+
+    ttft = results["overhead"]["ttft"]["arms"]
+    assert set(ttft) == {"direct", "slipstream"}
+    for row in ttft.values():
+        assert row["served"] == row["requests"] > 0
+        assert row["ttft_p50_ms"] > 0 and row["ttft_p99_ms"] >= row["ttft_p50_ms"]
+    assert "added_p50_ms" in ttft["slipstream"]
+
+    arms = results["balance"]["arms"]
+    assert set(arms) == {"oracle", "slipstream"}
+    for arm in arms.values():
+        run = arm["loads"]["0.3"]
+        assert run["served"] == run["requests"] > 0
+        assert sum(run["outcomes"].values()) == run["requests"]
+        assert 0 <= run["goodput_pct"] <= 100
+        assert set(run["by_backend"]) <= {"fast-1", "fast-2", "slow-1"}
+
+    (streams,) = results["streams"]["rows"]
+    assert streams["opened"] == streams["streams"] == 20
+    assert streams["kb_per_stream"] is not None and streams["delivery_samples"] > 0
+
+    fleet = results["fleet"]["arms"]["slipstream"]
+    assert fleet["summary"]["served"] > 0 and len(fleet["actions"]) == 2
+    assert [e["event"] for e in fleet["events"]] == ["join", "leave"]
+
+    doc = (tmp_path / "benchmarks.md").read_text()
+    assert "bench:begin" in doc and "## 2. Balancing quality" in doc
+    for png in ("bench_overhead.png", "bench_balance.png", "bench_fleet.png"):
+        assert (tmp_path / png).stat().st_size > 1000

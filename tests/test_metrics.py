@@ -1,0 +1,161 @@
+"""Prometheus metrics: the gateway's request metrics, cluster gauges read from Redis at scrape
+time, admission rejections, and the worker's own /metrics server."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import pytest
+from fastapi import Request
+from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
+
+from gateway.app import create_app
+from shared.errors import Overloaded
+from shared.jobs import JobStore
+from shared.keys import Keys
+from tests.helpers import (
+    free_port,
+    gateway_settings,
+    make_job,
+    running_app,
+    running_gateway,
+    running_worker,
+    worker_settings,
+)
+
+Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Series:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(series: Series, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels``."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in series.items() if n == name and want <= ls)
+
+
+async def scrape(url: str) -> Series:
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.get(url)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return parse(response.text)
+
+
+async def test_requests_latency_and_worker_counters(redis_url: str) -> None:
+    port = free_port()
+    worker = worker_settings(
+        redis_url, metrics_port=port, metrics_host="127.0.0.1", sim_fail_prompt="FAIL"
+    )
+    async with (
+        running_gateway(gateway_settings(redis_url)) as base,
+        running_worker(worker),
+        httpx.AsyncClient(base_url=base, timeout=10) as client,
+    ):
+        for stream, priority in ((False, "high"), (True, "low")):
+            body = {"model": "sim-model", "prompt": "hi", "max_tokens": 6, "stream": stream}
+            r = await client.post("/v1/completions", json=body, headers={"X-Priority": priority})
+            assert r.status_code == 200
+        failed = {"model": "sim-model", "prompt": "FAIL now", "max_tokens": 6}
+        assert (await client.post("/v1/completions", json=failed)).status_code >= 500
+        gw = await scrape(f"{base}/metrics")
+        wk = await scrape(f"http://127.0.0.1:{port}/metrics")
+
+    requests = "slipstream_gateway_requests_total"
+    assert value(gw, requests) == 3
+    assert value(gw, requests, outcome="completed", priority="high") == 1
+    assert value(gw, requests, outcome="completed", priority="low") == 1
+    assert value(gw, requests, outcome="error", priority="normal") == 1
+    assert value(gw, "slipstream_gateway_streamed_tokens_total", model="sim-model") == 12
+    assert value(gw, "slipstream_gateway_request_duration_seconds_count") == 3
+    assert value(gw, "slipstream_gateway_time_to_first_token_seconds_count") == 2
+    assert value(gw, "slipstream_gateway_inter_token_latency_seconds_count") == 2
+    assert value(gw, "slipstream_gateway_queue_wait_seconds_count") == 3
+    assert value(gw, "slipstream_gateway_queue_wait_seconds_bucket", le="+Inf") == 3
+    assert value(gw, "slipstream_gateway_in_flight_requests") == 0
+    assert value(gw, "slipstream_live_workers", model="sim-model") == 1
+    assert value(gw, "slipstream_capacity_tokens", model="sim-model") == worker.capacity_tokens
+
+    assert value(wk, "slipstream_worker_jobs_total", outcome="completed") == 2
+    assert value(wk, "slipstream_worker_jobs_total", outcome="failed") == 1
+    assert value(wk, "slipstream_worker_generated_tokens_total", model="sim-model") == 12
+    assert value(wk, "slipstream_worker_capacity_tokens") == worker.capacity_tokens
+    assert value(wk, "slipstream_worker_in_flight_jobs") == 0
+    assert value(wk, "slipstream_worker_tokens_in_use") == 0
+    assert value(wk, "slipstream_worker_tokens_per_second") > 0
+    assert value(wk, "process_resident_memory_bytes") > 0
+
+
+async def test_cluster_gauges_come_from_redis(redis_url: str, redis: Redis) -> None:
+    """Queued jobs (no worker) show up per priority at scrape time, and the dashboard agrees."""
+    store = JobStore(redis, Keys(), ttl_s=60)
+    jobs = [make_job(priority=p, max_tokens=10) for p in ("high", "low", "low")]
+    for job in jobs:
+        await store.enqueue(job)
+    async with (
+        running_gateway(gateway_settings(redis_url)) as base,
+        httpx.AsyncClient(base_url=base, timeout=10) as client,
+    ):
+        gw = await scrape(f"{base}/metrics")
+        data = (await client.get("/dashboard/data")).json()
+    for name in (
+        "slipstream_queue_waiting_jobs",
+        "slipstream_queue_length",
+        "slipstream_queue_lag",
+    ):
+        assert value(gw, name, model="sim-model", priority="high") == 1, name
+        assert value(gw, name, model="sim-model", priority="low") == 2, name
+        assert value(gw, name, model="sim-model", priority="normal") == 0, name
+    cost = jobs[1].cost_tokens
+    assert value(gw, "slipstream_queue_waiting_tokens", priority="low") == 2 * cost
+    assert value(gw, "slipstream_queue_pending") == 0
+    assert value(gw, "slipstream_live_workers", model="sim-model") == 0
+    [model] = data["models"]
+    assert model["queues"]["low"] == {
+        "length": 2,
+        "lag": 2,
+        "pending": 0,
+        "waiting_jobs": 2,
+        "waiting_tokens": 2 * cost,
+    }
+    assert model["workers"] == 0 and data["workers"] == [] and data["redis_ok"] is True
+
+
+async def test_admission_rejections_counted_by_model_and_reason(redis_url: str) -> None:
+    settings = gateway_settings(redis_url)
+    app = create_app(settings)
+
+    @app.post("/test/overloaded")
+    async def overloaded(request: Request) -> None:
+        request.state.model = "sim-model"
+        raise Overloaded("the queue is full", code="queue_full", headers={"Retry-After": "2"})
+
+    async with running_app(app, settings.port) as base, httpx.AsyncClient(base_url=base) as client:
+        for _ in range(2):
+            response = await client.post("/test/overloaded")
+            assert response.status_code == 429 and response.headers["retry-after"] == "2"
+        gw = await scrape(f"{base}/metrics")
+        data = (await client.get("/dashboard/data")).json()
+    name = "slipstream_gateway_admission_rejections_total"
+    assert value(gw, name, model="sim-model", reason="queue_full") == 2
+    assert data["gateway"]["admission_rejections_total"] == 2
+
+
+async def test_worker_metrics_server_paths_and_clean_stop(redis_url: str) -> None:
+    port = free_port()
+    worker = worker_settings(redis_url, metrics_port=port, metrics_host="127.0.0.1")
+    async with running_worker(worker), httpx.AsyncClient(timeout=5) as client:
+        assert (await client.get(f"http://127.0.0.1:{port}/nope")).status_code == 404
+        assert (await client.post(f"http://127.0.0.1:{port}/metrics")).status_code == 405
+        head = await client.head(f"http://127.0.0.1:{port}/metrics")
+        assert head.status_code == 200 and head.content == b""
+    with pytest.raises(ConnectionRefusedError):  # stopped: nothing listens any more
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
