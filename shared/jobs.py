@@ -55,6 +55,7 @@ class JobStore:
         self._cancel = redis.register_script(lua.CANCEL)
         self._renew = redis.register_script(lua.RENEW)
         self._handback = redis.register_script(lua.HANDBACK)
+        self._sweep = redis.register_script(lua.SWEEP)
 
     # --- gateway side -------------------------------------------------------------------
     async def enqueue(self, job: Job) -> str:
@@ -207,6 +208,13 @@ class JobStore:
             args=[now_ms() + lease_ms, *pairs],
         )
         return {i: bool(r) for i, r in zip(ids, reply, strict=True)}
+
+    async def sweep_expired_leases(self, model: str) -> list[str]:
+        """Tidy expired leases no worker took over (janitor): stale ones, past deadlines."""
+        reply = await self._sweep(
+            keys=[], args=[self.keys.model_prefix(model), now_ms(), CONSUMER_GROUP, self.ttl_ms]
+        )
+        return [str(x) for x in reply]
 
     async def handback(self, claimed: Claimed) -> bool:
         """Give a job back for immediate takeover by another worker (graceful drain)."""

@@ -294,3 +294,26 @@ redis.call('ZADD', KEYS[2], 0, ARGV[2])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100, '*', 'handback', ARGV[2])
 return 1
 """
+
+# KEYS: none (one model's keys, derived).  ARGV: model prefix, now ms, group, ttl ms.
+# Expired leases nobody took over: drop stale entries (the job already ended) and expire jobs
+# whose deadline passed, so their clients get an answer even while no worker has room.
+# Jobs still within their deadline stay for a worker's takeover. Returns the swept job ids.
+SWEEP = (
+    _HELPERS
+    + r"""
+local mp, now, group, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local swept = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', mp .. 'leases', '-inf', now, 'LIMIT', 0, 100)) do
+  local job = mp .. 'job:' .. id
+  if redis.call('HGET', job, 'state') ~= 'running' then
+    redis.call('ZREM', mp .. 'leases', id)
+    swept[#swept + 1] = id
+  elseif past_deadline(job, now) then
+    fail(mp, id, 'expired', 'deadline_exceeded', 'the deadline passed while the job waited for a worker to take it over', 504, group, ttl)
+    swept[#swept + 1] = id
+  end
+end
+return swept
+"""
+)

@@ -212,8 +212,7 @@ async def test_sweep_is_optional_until_the_store_has_it(redis: Redis) -> None:
             return ["j1", "j2"]
 
     store = JobStore(redis, KEYS, ttl_s=60)
-    expected = 0 if hasattr(store, "sweep_expired_leases") else None
-    assert await sweep_leases(store, "sim-model") == expected
+    assert await sweep_leases(store, "sim-model") == 0
     assert await sweep_leases(Sweeping(), "sim-model") == 2  # type: ignore[arg-type]
 
 
@@ -282,3 +281,27 @@ async def test_two_janitors_fire_each_cron_once_per_period(redis: Redis, redis_u
         assert raw is not None and json.loads(raw)["s"] is True  # JSON, not pickle
     by_janitor = Counter(f["janitor"] for _, f in entries)
     print(f"janitor firings per task: {dict(tasks)}; by janitor: {dict(by_janitor)}")
+
+
+async def test_sweep_expires_a_stranded_job_past_its_deadline(redis: Redis) -> None:
+    """A job whose worker died, with no worker left to take it over, still gets an outcome."""
+    from shared.models import Priority
+    from tests.helpers import make_job
+
+    store = JobStore(redis, KEYS, ttl_s=60)
+    job = make_job(deadline_ms=100)
+    await store.enqueue(job)
+    claimed = await store.pull(
+        "sim-model",
+        "gone",
+        free_tokens=10_000,
+        idle=True,
+        lease_ms=1,
+        aging_ms={Priority.LOW: 0},
+        max_deliveries=3,
+    )
+    assert claimed.kind == "job"
+    await asyncio.sleep(0.2)  # lease and deadline both pass; nobody pulls
+    assert await store.sweep_expired_leases("sim-model") == [job.id]
+    assert await store.job_state("sim-model", job.id) == "expired"
+    assert await redis.zcard(KEYS.leases("sim-model")) == 0
