@@ -52,6 +52,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--no-report", action="store_true", help="save results only")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        default=None,
+        help="results JSON to update: the experiments run now replace its ones, the rest stay",
+    )
     return parser.parse_args(argv)
 
 
@@ -60,6 +66,18 @@ def _render(results: dict[str, Any], out: Path) -> None:
 
     doc = write_report(results, out)
     print(f"[bench] wrote {doc}", flush=True)
+
+
+def _merged(base: dict[str, Any], new: dict[str, Any], only: tuple[str, ...]) -> dict[str, Any]:
+    """``base`` with the experiments in ``only`` taken from ``new`` (noted in ``merged``)."""
+    out = {**base, **{k: new[k] for k in only if k in new}}
+    out["seconds"] = {**base.get("seconds", {}), **new.get("seconds", {})}
+    out["total_seconds"] = round(sum(out["seconds"].values()), 1)
+    out["merged"] = [
+        *base.get("merged", []),
+        {"experiments": list(only), "machine": new["machine"]},
+    ]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     results = asyncio.run(run_plan(plan, only))
     results["total_seconds"] = round(time.monotonic() - started, 1)
+    if args.merge is not None:
+        results = _merged(json.loads(args.merge.read_text()), results, only)
     results_dir = args.out if args.mode == "smoke" and args.out else args.results_dir
     path = save(results, results_dir)
     print(f"[bench] results in {path} ({results['total_seconds']} s)", flush=True)

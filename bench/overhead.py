@@ -49,29 +49,34 @@ def requests(n: int, tokens: int, *, offset: int = 0) -> list[TraceRequest]:
     ]
 
 
-async def _ttft_reps(target: Target, plan: Any) -> list[dict[str, Any]]:
-    await run_closed(target, requests(plan.overhead_warmup, plan.overhead_tokens))
-    reps = []
-    for rep in range(plan.reps):
-        trace = requests(plan.overhead_requests, plan.overhead_tokens, offset=rep * 100_000)
-        results = await run_closed(target, trace, concurrency=1)
-        summary = summarize(results, duration_s=1.0)
-        reps.append({k: summary[k] for k in ("ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms")})
-        reps[-1]["served"] = summary["served"]
-        reps[-1]["requests"] = summary["requests"]
-    return reps
+async def _one_rep(target: Target, plan: Any, rep: int) -> dict[str, Any]:
+    trace = requests(plan.overhead_requests, plan.overhead_tokens, offset=rep * 100_000)
+    summary = summarize(await run_closed(target, trace, concurrency=1), duration_s=1.0)
+    keys = ("ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "served", "requests")
+    return {k: summary[k] for k in keys}
 
 
 async def ttft_overhead(plan: Any, workdir: Path) -> dict[str, Any]:
-    arms = [a for a in plan.overhead_arms if available(a)]
-    out: dict[str, Any] = {"arms": {}, "pinned": False}
+    """All arms run at once; repetitions are interleaved (rep 1 of every arm, then rep 2...)
+    so that drift in the machine's background load hits every arm alike."""
+    names = [a for a in plan.overhead_arms if available(a)]
+    out: dict[str, Any] = {"arms": {}, "pinned": False, "interleaved": True}
+    reps: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     with pinned(plan.pin) as cpus:
         out["pinned"] = cpus is not None
         out["cpus"] = {"client": sorted(os.sched_getaffinity(0)), "servers": sorted(cpus or [])}
-        for name in arms:
-            async with make_arm(name, [INSTANT], workdir / "overhead", cpus=cpus) as arm:
-                reps = await _ttft_reps(arm.target(), plan)
-            out["arms"][name] = combine(reps) | {"per_rep": reps}
+        async with contextlib.AsyncExitStack() as stack:
+            arms = {}
+            for name in names:
+                arm = make_arm(name, [INSTANT], workdir / "overhead", cpus=cpus)
+                arms[name] = await stack.enter_async_context(arm)
+            for arm in arms.values():
+                await run_closed(arm.target(), requests(plan.overhead_warmup, plan.overhead_tokens))
+            for rep in range(plan.reps):
+                for name, arm in arms.items():
+                    reps[name].append(await _one_rep(arm.target(), plan, rep))
+    for name in names:
+        out["arms"][name] = combine(reps[name]) | {"per_rep": reps[name]}
     direct = out["arms"].get("direct")
     for name, row in out["arms"].items():
         if direct is not None and name != "direct":

@@ -146,10 +146,13 @@ def fleet_png(results: dict[str, Any], path: Path) -> None:
         ax.scatter(
             [t for t, _ in ok], [v for _, v in ok], s=6, color=COLORS.get(name), label="TTFT"
         )
-        ax.scatter(bad, [1.0] * len(bad), s=14, marker="x", color="black", label="not served")
+        edge = ax.get_xaxis_transform()  # x in data, y as a fraction of the axes
+        ax.scatter(bad, [0.04] * len(bad), s=14, marker="x", color="black", transform=edge)
+        if bad:
+            ax.scatter([], [], s=14, marker="x", color="black", label="not served (at bottom)")
         for event in arm["events"]:
             ax.axvline(event["at_s"], ls="--", color="grey")
-            ax.text(event["at_s"], 1.0, f" {event['event']}", fontsize=8, va="bottom")
+            ax.text(event["at_s"], 0.9, f" {event['event']}", fontsize=8, transform=edge)
         ax.set_yscale("log")
         ax.set_ylabel("TTFT ms")
         ax.set_title(LABELS.get(name, name), fontsize=9)

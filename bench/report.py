@@ -44,6 +44,13 @@ def headline_md(results: dict[str, Any]) -> str:
     return "## Headline: targets\n\n" + _table(["What", "Target", "Measured", "Met"], rows)
 
 
+def _load(results: dict[str, Any]) -> str:
+    """Load averages when each run started: other work on the machine shows here."""
+    machines = [results["machine"]] + [m["machine"] for m in results.get("merged", [])]
+    loads = [str(m["load_average_at_start"]) for m in machines if "load_average_at_start" in m]
+    return f" Load average (1/5/15 min) when a run started: {'; '.join(loads)}." if loads else ""
+
+
 def method_md(results: dict[str, Any]) -> str:
     plan, machine = results["plan"], results["machine"]
     pkgs = ", ".join(f"{k} {v}" for k, v in machine["packages"].items() if v)
@@ -56,8 +63,7 @@ def method_md(results: dict[str, Any]) -> str:
         f"{_f(results.get('total_seconds'), 0)} s ({took}).\n"
         f"- Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB, "
         f"Linux {machine['kernel']}, Python {machine['python']}; {machine['redis-server']}; "
-        f"{machine['nginx']}; {machine['haproxy']}. Load average when the run started: "
-        f"{machine.get('load_average_at_start', '?')} (other work on the machine shows here).\n"
+        f"{machine['nginx']}; {machine['haproxy']}.{_load(results)}\n"
         f"- Packages: {pkgs}.\n"
         f"- This mode: balance loads {plan['loads']} for {plan['balance_duration_s']:.0f} s each "
         f"(the key load {plan['key_load']} x{plan['reps']}), streams {plan['stream_counts']}, "
@@ -87,7 +93,8 @@ def overhead_md(results: dict[str, Any]) -> str:
     out += (
         f"One request at a time ({results['plan']['overhead_requests']} per repetition after "
         f"{results['plan']['overhead_warmup']} warm-up, {results['plan']['overhead_tokens']} "
-        f"tokens each), {pin}. Added = arm - direct, per repetition.\n\n"
+        f"tokens each), {pin}; all arms up at once, repetitions interleaved across arms. "
+        "Added = arm - direct, per repetition (median and range over repetitions).\n\n"
     )
     rows = [
         [
@@ -143,6 +150,35 @@ def _cpu(s: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.1f}" for k, v in (cpu or {}).items()) or "-"
 
 
+BALANCE_HEADER = [
+    "Arm",
+    "TTFT p50",
+    "TTFT p99",
+    "E2E p50",
+    "E2E p99",
+    "ITL p50",
+    "goodput %",
+    "slow share %",
+    "outcomes",
+    "CPU s",
+]
+
+
+def _balance_row(name: str, s: dict[str, Any]) -> list[str]:
+    return [
+        LABELS.get(name, name),
+        spread(s, "ttft_p50_ms", 0),
+        spread(s, "ttft_p99_ms", 0),
+        spread(s, "e2e_p50_ms", 0),
+        spread(s, "e2e_p99_ms", 0),
+        spread(s, "itl_p50_ms", 1),
+        spread(s, "goodput_pct", 1),
+        spread(s, "slow_share_pct", 1),
+        _outcomes(s),
+        _cpu(s),
+    ]
+
+
 def balance_md(results: dict[str, Any]) -> str:
     section = results.get("balance")
     out = "## 2. Balancing quality\n\n"
@@ -162,41 +198,19 @@ def balance_md(results: dict[str, Any]) -> str:
         f"priorities {tr['priorities']}. Each run: {section['duration_s']:.0f} s of Poisson "
         f"arrivals; the key load {section['key_load']} is repeated. Outcomes are "
         "ok/late/rejected/timeout/error counts (summed over repetitions); CPU seconds per "
-        "component are for the first repetition.\n\n"
+        "component are for the first repetition. ITL = time between tokens at the client "
+        "(every backend's simulator runs at 10 or 20 ms/token).\n\n"
     )
-    header = [
-        "Arm",
-        "TTFT p50",
-        "TTFT p99",
-        "E2E p50",
-        "E2E p99",
-        "goodput %",
-        "slow share %",
-        "outcomes",
-        "CPU s",
-    ]
     for load in [str(x) for x in section["loads"]]:
-        rows = []
-        for name, arm in section["arms"].items():
-            s = arm["loads"].get(load)
-            if s:
-                rows.append(
-                    [
-                        LABELS.get(name, name),
-                        spread(s, "ttft_p50_ms", 0),
-                        spread(s, "ttft_p99_ms", 0),
-                        spread(s, "e2e_p50_ms", 0),
-                        spread(s, "e2e_p99_ms", 0),
-                        spread(s, "goodput_pct", 1),
-                        spread(s, "slow_share_pct", 1),
-                        _outcomes(s),
-                        _cpu(s),
-                    ]
-                )
+        rows = [
+            _balance_row(name, arm["loads"][load])
+            for name, arm in section["arms"].items()
+            if load in arm["loads"]
+        ]
         n = section["trace"]["requests"].get(f"{load}#0", "?")
         out += (
             f"**Load {load}** ({n} requests per run; latencies in ms)\n\n"
-            + _table(header, rows)
+            + _table(BALANCE_HEADER, rows)
             + "\n"
         )
     return (

@@ -50,6 +50,7 @@ class Dispatch:
         self.created = time.monotonic()
         self.first_token_at: float | None = None
         self.started_at: float | None = None
+        self._quiet_checks = 0
         self.observer: RequestObserver | None = None  # metrics, set by the OpenAI routes
 
     @property
@@ -127,7 +128,9 @@ class Dispatch:
 
     async def _enforce_limits(self) -> None:
         job, store = self.job, self.store
-        if self.submit and await store.job_state(job.model, job.id) is None:
+        self._quiet_checks += 1
+        gone = self.submit and self._quiet_checks % 5 == 0  # every ~5 quiet seconds
+        if gone and await store.job_state(job.model, job.id) is None:
             # Redis lost the job (a restart inside the AOF fsync window): submit it again.
             # Sequence numbers start over; events this stream already passed on are dropped.
             log.warning("job_resubmitted", job_id=job.id, request_id=job.request_id)

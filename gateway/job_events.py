@@ -30,7 +30,7 @@ class JobEvents:
         job_id: str,
         *,
         after_seq: int = 0,
-        poll_s: float = 1.0,
+        poll_s: float = 5.0,
     ) -> None:
         self.store = store
         self.mux = mux
@@ -43,6 +43,7 @@ class JobEvents:
         self.listener: Listener | None = None
         self.needs_log = True
         self.last_event_at = time.monotonic()
+        self.last_log_read = 0.0
 
     async def __aenter__(self) -> JobEvents:
         channel = self.store.keys.job_channel(self.model, self.job_id)
@@ -78,9 +79,12 @@ class JobEvents:
             if not self.listener.queue.empty():
                 continue
             try:
-                await asyncio.wait_for(self.listener.wake.wait(), min(left, self.poll_s))
+                await asyncio.wait_for(self.listener.wake.wait(), left)
             except TimeoutError:
-                self.needs_log = True  # quiet: make sure nothing was missed
+                # quiet for a while: make sure nothing was missed (pub/sub only loses messages
+                # on a disconnect, which marks the listener anyway; this is the belt to it)
+                if time.monotonic() - max(self.last_event_at, self.last_log_read) >= self.poll_s:
+                    self.needs_log = True
 
     def _from_queue(self) -> list[Event]:
         assert self.listener is not None
@@ -103,6 +107,7 @@ class JobEvents:
     async def _from_log(self) -> list[Event]:
         assert self.listener is not None
         self.needs_log = False
+        self.last_log_read = time.monotonic()
         self.listener.lagging = False
         while not self.listener.queue.empty():  # the log covers whatever is queued
             self.listener.queue.get_nowait()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from redis.exceptions import RedisError
+
 from shared.errors import LeaseLost
 from shared.jobs import Claimed, JobStore
 from shared.models import (
@@ -36,9 +38,10 @@ class EventEmitter:
         self.pending: list[Event] = []
         self.pending_tokens = 0
         self.last_write = 0.0
+        self.tokens_written = 0
         self._flusher: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        self._lost: LeaseLost | None = None
+        self._failure: BaseException | None = None
 
     def _next(self) -> int:
         self.seq += 1
@@ -47,27 +50,41 @@ class EventEmitter:
     async def started(self, worker_id: str) -> None:
         # ``started`` takes no sequence number: SSE ids stay 1..N over tokens and the end
         self.pending.append(StartedEvent(s=self.seq, worker=worker_id))
-        await self.flush()
+        self._schedule()
 
     async def token(self, text: str, engine_tokens: int = 1) -> None:
         """Queue one token event; ``engine_tokens`` is how many engine tokens made its text
-        (more than one when a stop-sequence prefix was held back), counted into ``ntok``."""
-        if self._lost is not None:
-            raise self._lost
+        (more than one when a stop-sequence prefix was held back), counted into ``ntok``.
+
+        Never waits for Redis: the generation loop keeps its pace while a writer task sends
+        what has accumulated. A failed write (fenced off, Redis down) surfaces here next time.
+        """
+        if self._failure is not None:
+            raise self._failure
         self.pending.append(TokenEvent(s=self._next(), x=text))
         self.pending_tokens += engine_tokens
-        wait = self.last_write + self.interval_s - time.monotonic()
-        if wait <= 0 and not self._lock.locked():
-            await self.flush()
-        elif self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_later(max(wait, 0.0)))
+        self._schedule()
 
-    async def _flush_later(self, delay: float) -> None:
-        await asyncio.sleep(delay)
+    def _schedule(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
         try:
-            await self.flush()
-        except LeaseLost as lost:
-            self._lost = lost
+            while self.pending:
+                wait = self.last_write + self.interval_s - time.monotonic()
+                if wait > 0 and self.tokens_written:  # the first token never waits
+                    await asyncio.sleep(wait)
+                await self.flush()
+        except (LeaseLost, RedisError, OSError) as failure:
+            self._failure = failure
+
+    async def _settle(self) -> None:
+        """Let the writer task finish what it took; re-raise what it failed with."""
+        if self._flusher is not None:
+            await asyncio.shield(self._flusher)
+        if self._failure is not None:
+            raise self._failure
 
     async def flush(self, terminal: JobState | None = None) -> None:
         async with self._lock:
@@ -76,22 +93,24 @@ class EventEmitter:
             batch, tokens = EventBatch(events=self.pending), self.pending_tokens
             self.pending, self.pending_tokens = [], 0
             self.last_write = time.monotonic()
+            self.tokens_written += tokens
             ok = await self.store.emit(self.claimed, batch, new_tokens=tokens, terminal=terminal)
             if not ok:
                 raise LeaseLost(self.claimed.job.id)
 
     async def done(self, finish_reason: str, usage: Usage) -> None:
+        await self._settle()  # the end goes in the terminal write, after every token
         self.pending.append(DoneEvent(s=self._next(), finish_reason=finish_reason, usage=usage))
         await self._finish(JobState.COMPLETED)
 
     async def error(self, code: str, message: str, status: int) -> None:
+        await self._settle()
         self.pending.append(ErrorEvent(s=self._next(), code=code, message=message, status=status))
         await self._finish(JobState.FAILED)
 
     async def _finish(self, state: JobState) -> None:
-        # No cancelling a pending flusher here: one cancelled inside ``store.emit`` loses the
-        # batch it took (the end then follows a gap no reader can fill). Taking the lock after
-        # it keeps the order; a flusher still asleep later finds nothing pending.
+        # The writer task has settled (never cancelled: one cancelled inside ``store.emit``
+        # would lose the batch it took, leaving a gap before the end that no reader can fill).
         await self.flush(terminal=state)
 
     async def aclose(self) -> None:
