@@ -35,7 +35,7 @@ def _start_redis(url: str) -> subprocess.Popen[bytes]:
     args += ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec"]
     args += ["--dir", os.path.abspath(".slipstream-redis")]
     os.makedirs(".slipstream-redis", exist_ok=True)
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL)
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, start_new_session=True)
 
 
 def _wait_http(port: int, timeout: float) -> bool:
@@ -66,7 +66,12 @@ Press Ctrl-C to stop.
 """
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_local(engine: str, model: str, port: int, workers: int) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops everything like Ctrl-C
     settings = CommonSettings()
     env = {
         **os.environ,
@@ -80,11 +85,11 @@ def run_local(engine: str, model: str, port: int, workers: int) -> int:
             raise SystemExit(f"redis-server did not start at {settings.redis_url}")
     cli = [sys.executable, "-m", "slipstream"]
     gw = [*cli, "gateway", "--port", str(port), "--model", model]
-    children.append(subprocess.Popen(gw, env=env))
+    # own sessions: a terminal's Ctrl-C reaches only us, and we stop the children in order
+    children.append(subprocess.Popen(gw, env=env, start_new_session=True))
     for _ in range(workers):
-        children.append(
-            subprocess.Popen([*cli, "worker", "--engine", engine, "--model", model], env=env)
-        )
+        worker = [*cli, "worker", "--engine", engine, "--model", model]
+        children.append(subprocess.Popen(worker, env=env, start_new_session=True))
     try:
         if not _wait_http(port, 60.0):
             print("the gateway did not become ready", file=sys.stderr)
@@ -110,14 +115,13 @@ async def _wait_redis(url: str, timeout: float) -> bool:
 
 
 def _stop(children: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM in reverse order of start (workers drain first), then SIGKILL stragglers."""
+    """SIGTERM in reverse order of start, one at a time: workers drain and leave the registry
+    while the gateway and Redis still answer; SIGKILL for anything that takes over 15 s."""
     for child in reversed(children):
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
-    end = time.monotonic() + 15.0
-    for child in reversed(children):
         try:
-            child.wait(max(0.1, end - time.monotonic()))
+            child.wait(15.0)
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
