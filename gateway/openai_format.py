@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from shared.errors import error_envelope, error_type_for
 from shared.models import DoneEvent, ErrorEvent, Event, TokenEvent, Usage
 
 
@@ -74,10 +75,7 @@ class ChunkWriter:
 
 
 def error_object(event: ErrorEvent) -> dict[str, Any]:
-    type_ = "timeout_error" if event.status == 504 else "server_error"
-    if 400 <= event.status < 500:
-        type_ = "invalid_request_error" if event.status != 429 else "rate_limit_error"
-    return {"error": {"message": event.message, "type": type_, "param": None, "code": event.code}}
+    return error_envelope(event.message, error_type_for(event.status), event.code)
 
 
 def completion_object(

@@ -118,15 +118,19 @@ class LeaseLost(Exception):
     """A worker's write was fenced off: another worker owns the job now, or it was cancelled."""
 
 
+def error_type_for(status: int) -> str:
+    """The OpenAI error ``type`` that goes with an HTTP status."""
+    if status == 429:
+        return "rate_limit_error"
+    if status == 504:
+        return "timeout_error"
+    return "invalid_request_error" if 400 <= status < 500 else "server_error"
+
+
 class JobFailed(SlipstreamError):
     """A job ended with an error event; status and code come from the event."""
 
     def __init__(self, message: str, *, status: int, code: str) -> None:
         super().__init__(message, code=code)
         self.status = status
-        self.type = {
-            400: "invalid_request_error",
-            404: "invalid_request_error",
-            429: "rate_limit_error",
-            504: "timeout_error",
-        }.get(status, "server_error")
+        self.type = error_type_for(status)

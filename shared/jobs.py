@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 
 from shared import lua
 from shared.keys import CONSUMER_GROUP, Keys
-from shared.models import Event, EventBatch, Job, JobState, Priority
+from shared.models import EventBatch, Job, JobState, Priority
 
 
 def now_ms() -> int:
@@ -226,16 +226,11 @@ class JobStore:
         return bool(ok)
 
 
-def decode_events(data: str) -> list[Event]:
-    return EventBatch.model_validate_json(data).events
-
-
 __all__ = [
     "Claimed",
     "JobStore",
     "LogEntry",
     "PullResult",
-    "decode_events",
     "now_ms",
     "read_backlog",
 ]
