@@ -7,53 +7,22 @@ client resumes it elsewhere with ``Last-Event-ID``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import anyio
 import structlog
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse
-from sse_starlette.sse import SendTimeoutError
-from starlette.types import Message, Receive, Scope, Send
 
 from gateway.dispatch import Dispatch
 from gateway.openai_format import ChunkWriter, completion_object
+from gateway.sse import SSEResponse, StreamCut
 from gateway.state import GatewayState
 from shared.errors import JobFailed
 from shared.models import DoneEvent, ErrorEvent, Event, Job, TokenEvent
 
 log = structlog.get_logger("slipstream.gateway")
-
-
-class StreamCut:
-    """Why a relay ended early, known to the relay before its cleanup runs."""
-
-    def __init__(self) -> None:
-        self.too_slow = False
-        self.shutdown = anyio.Event()
-
-
-class JobEventResponse(EventSourceResponse):
-    """An SSE response that cuts a reader who stops reading (``send_timeout``) without
-    cancelling the job: the reader resumes with ``Last-Event-ID`` when it catches up."""
-
-    def __init__(self, *args: object, cut: StreamCut, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.cut = cut
-
-    async def _send_with_timeout(self, send: Send, message: Message) -> None:
-        try:
-            await super()._send_with_timeout(send, message)
-        except SendTimeoutError:
-            self.cut.too_slow = True
-            raise
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        except SendTimeoutError:
-            log.warning("sse_reader_too_slow", path=scope.get("path"))
 
 
 def new_dispatch(
@@ -124,15 +93,11 @@ async def stream_response(
         await close_dispatch(dispatch)
         raise
     cut = StreamCut()
-    return JobEventResponse(
+    return SSEResponse(
         relay(state, dispatch, writer, first, cut),
-        cut=cut,
         headers=headers,
-        ping=int(state.settings.sse_ping_s),
-        send_timeout=state.settings.send_timeout_s,
-        sep="\n",
-        shutdown_event=cut.shutdown,
-        shutdown_grace_period=state.settings.drain_grace_s,
+        send_timeout_s=state.settings.send_timeout_s,
+        cut=cut,
     )
 
 
@@ -144,17 +109,26 @@ async def relay(
     cut: StreamCut,
 ) -> AsyncIterator[bytes]:
     state.open_streams.add(dispatch.job.id)
+    ping_s = state.settings.sse_ping_s
+    quiet_since = time.monotonic()
     try:
         for chunk in chunks(first):
             yield writer.frames(chunk)
         while not dispatch.finished:
             if not dispatch.started and (note := await state.admission.progress(dispatch.job)):
                 yield note  # still queued: ": queued position=N eta_ms=M" (an SSE comment)
-            for chunk in chunks(await dispatch.next(timeout=state.settings.progress_s)):
+                quiet_since = time.monotonic()
+            events = await dispatch.next(timeout=min(state.settings.progress_s, ping_s))
+            for chunk in chunks(events):
                 yield writer.frames(chunk)
+            if events:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= ping_s:
+                yield b": ping\n\n"  # keeps proxies and load balancers from closing the stream
+                quiet_since = time.monotonic()
     finally:
         state.open_streams.discard(dispatch.job.id)
-        keep = cut.too_slow or cut.shutdown.is_set() or state.draining
+        keep = cut.too_slow or state.draining  # cut by us: the client resumes elsewhere
         await close_dispatch(dispatch, cancel=not keep)
 
 
