@@ -98,31 +98,22 @@ def worker_settings(redis_url: str, **overrides: Any) -> WorkerSettings:
 @contextlib.asynccontextmanager
 async def running_gateway(settings: GatewaySettings) -> AsyncIterator[str]:
     """Serve the gateway in this event loop; yields its base URL (``http://host:port``)."""
-    config = uvicorn.Config(
-        create_app(settings),
-        host="127.0.0.1",
-        port=settings.port,
-        log_config=None,
-        lifespan="on",
-        timeout_graceful_shutdown=2,
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{settings.port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
+    async with running_app(create_app(settings), settings.port) as base:
+        yield base
 
 
 @contextlib.asynccontextmanager
 async def running_app(app: Any, port: int) -> AsyncIterator[str]:
     """Serve an app built by the test (``create_app`` plus test-only routes); yields its URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_config=None,
+        lifespan="on",
+        timeout_graceful_shutdown=2,
+    )
+    server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():
