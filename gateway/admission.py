@@ -40,11 +40,12 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from gateway.backlog_cache import BacklogCache
 from gateway.settings import GatewaySettings
 from shared.aio import cancel_and_wait
 from shared.errors import InvalidRequest, Overloaded
 from shared.fleet import live_workers
-from shared.jobs import now_ms, read_backlog
+from shared.jobs import now_ms
 from shared.keys import CONSUMER_GROUP, Keys
 from shared.models import Job, JobState, Priority, WorkerInfo
 
@@ -82,6 +83,7 @@ class Admission:
         self.fleets: dict[str, Fleet] = {}
         self.best: dict[str, tuple[float, float]] = {}  # worker id -> (best rate, when)
         self.admitted: dict[tuple[str, Priority], deque[tuple[float, int]]] = {}
+        self.backlogs = BacklogCache(redis, keys, settings.admission_backlog_max_age_s)
         self._task: asyncio.Task[None] | None = None
 
     # --- the registry, read in the background ---------------------------------------------
@@ -133,10 +135,11 @@ class Admission:
                 param="messages" if job.kind == "chat" else "prompt",
                 code="context_length_exceeded",
             )
-        backlog = await read_backlog(self.redis, self.keys, job.model)
+        backlog = await self.backlogs.get(job.model)
         self._check_queue_limits(job, fleet, backlog)
         self._check_deadline(job, fleet, backlog)
         self._note_admitted(job)
+        self.backlogs.add(job.model, job.priority, job.cost_tokens)
 
     def _note_admitted(self, job: Job) -> None:
         now = time.monotonic()

@@ -45,7 +45,7 @@ class Dispatch:
         self.worker_ttl_s = worker_ttl_s
         self.submit = submit
         self.cancel_on_exit = cancel_on_exit
-        self.events = JobEvents(store, mux, job.model, job.id, after_seq=after_seq)
+        self.events = JobEvents(store, mux, job.model, job.id, after_seq=after_seq, fresh=submit)
         self.started = False
         self.created = time.monotonic()
         self.first_token_at: float | None = None

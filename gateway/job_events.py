@@ -31,6 +31,7 @@ class JobEvents:
         *,
         after_seq: int = 0,
         poll_s: float = 5.0,
+        fresh: bool = False,
     ) -> None:
         self.store = store
         self.mux = mux
@@ -41,7 +42,9 @@ class JobEvents:
         self.log_pos = "-"
         self.finished = False
         self.listener: Listener | None = None
-        self.needs_log = True
+        # A job this gateway is about to submit has an empty log, and the subscription is
+        # sent before the job is queued, so no event can precede it: skip the first read.
+        self.needs_log = not fresh
         self.last_event_at = time.monotonic()
         self.last_log_read = 0.0
 
@@ -76,10 +79,11 @@ class JobEvents:
             if left <= 0:
                 return []
             self.listener.wake.clear()
-            if not self.listener.queue.empty():
+            if self.listener.queue:
                 continue
             try:
-                await asyncio.wait_for(self.listener.wake.wait(), left)
+                async with asyncio.timeout(left):  # no extra task per wait, unlike wait_for
+                    await self.listener.wake.wait()
             except TimeoutError:
                 # quiet for a while: make sure nothing was missed (pub/sub only loses messages
                 # on a disconnect, which marks the listener anyway; this is the belt to it)
@@ -89,8 +93,8 @@ class JobEvents:
     def _from_queue(self) -> list[Event]:
         assert self.listener is not None
         out: list[Event] = []
-        while not self.listener.queue.empty():
-            raw = self.listener.queue.get_nowait()
+        while self.listener.queue:
+            raw = self.listener.queue.popleft()
             try:
                 batch = EventBatch.model_validate_json(raw)
             except ValidationError:
@@ -109,8 +113,7 @@ class JobEvents:
         self.needs_log = False
         self.last_log_read = time.monotonic()
         self.listener.lagging = False
-        while not self.listener.queue.empty():  # the log covers whatever is queued
-            self.listener.queue.get_nowait()
+        self.listener.queue.clear()  # the log covers whatever is queued
         out: list[Event] = []
         entries = await self.store.read_log(
             self.model, self.job_id, after=self.log_pos, count=self.LOG_PAGE

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections import deque
 
 import structlog
 from redis.asyncio import Redis
@@ -22,18 +23,25 @@ log = structlog.get_logger("slipstream.gateway")
 
 
 class Listener:
-    """What one stream receives: raw batch JSON, plus a flag saying "you missed something"."""
+    """What one stream receives: raw batch JSON, plus a flag saying "you missed something".
+
+    A plain deque and one event (not an ``asyncio.Queue``, which carries two more deques and
+    an event of its own): there is one reader, and it is woken through ``wake``.
+    """
+
+    __slots__ = ("channel", "lagging", "queue", "size", "wake")
 
     def __init__(self, channel: str, size: int) -> None:
         self.channel = channel
-        self.queue: asyncio.Queue[str] = asyncio.Queue(size)
+        self.size = size
+        self.queue: deque[str] = deque()
         self.lagging = False
         self.wake = asyncio.Event()
 
     def deliver(self, data: str) -> None:
-        try:
-            self.queue.put_nowait(data)
-        except asyncio.QueueFull:
+        if len(self.queue) < self.size:
+            self.queue.append(data)
+        else:
             self.lagging = True
         self.wake.set()
 

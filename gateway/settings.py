@@ -93,6 +93,12 @@ class GatewaySettings(CommonSettings):
         description="Share of the queue limits each priority above low keeps for itself: low "
         "may fill 80%, normal 90%, high 100%",
     )
+    admission_backlog_max_age_s: float = Field(
+        default=0.05,
+        ge=0,
+        description="Admission weighs a request against a queue backlog read at most this "
+        "long ago, plus what this gateway admitted since (0: read it for every request)",
+    )
     admission_refresh_s: float = Field(
         default=0.25, gt=0, description="Period of the admission's read of the worker registry"
     )

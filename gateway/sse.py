@@ -20,11 +20,14 @@ log = structlog.get_logger("slipstream.gateway")
 
 
 class StreamCut:
-    """Why a stream ended early, known to its frame source before its cleanup runs."""
+    """How a stream ends: why it ended early (known to its frame source before its cleanup
+    runs), or the frame source's word that the frame it yields next is its last (sent with
+    the end of the body, saving a write)."""
 
     def __init__(self) -> None:
         self.too_slow = False
         self.client_gone = False
+        self.last_frame = False
 
 
 class SSEResponse(Response):
@@ -69,11 +72,14 @@ class SSEResponse(Response):
     async def _stream(self, send: Send, task: asyncio.Task[object]) -> None:
         loop = asyncio.get_running_loop()
         async for frame in self.frames:
+            last = self.cut.last_frame
             timer = loop.call_later(self.send_timeout_s, self._too_slow, task)
             try:
-                await send({"type": "http.response.body", "body": frame, "more_body": True})
+                await send({"type": "http.response.body", "body": frame, "more_body": not last})
             finally:
                 timer.cancel()
+            if last:
+                return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _too_slow(self, task: asyncio.Task[object]) -> None:

@@ -8,7 +8,7 @@ client resumes it elsewhere with ``Last-Event-ID``.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import structlog
@@ -112,15 +112,15 @@ async def relay(
     ping_s = state.settings.sse_ping_s
     quiet_since = time.monotonic()
     try:
-        for chunk in chunks(first):
-            yield writer.frames(chunk)
+        for frame in frames_of(first, writer, dispatch, cut):
+            yield frame
         while not dispatch.finished:
             if not dispatch.started and (note := await state.admission.progress(dispatch.job)):
                 yield note  # still queued: ": queued position=N eta_ms=M" (an SSE comment)
                 quiet_since = time.monotonic()
             events = await dispatch.next(timeout=min(state.settings.progress_s, ping_s))
-            for chunk in chunks(events):
-                yield writer.frames(chunk)
+            for frame in frames_of(events, writer, dispatch, cut):
+                yield frame
             if events:
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since >= ping_s:
@@ -130,6 +130,16 @@ async def relay(
         state.open_streams.discard(dispatch.job.id)
         keep = cut.too_slow or state.draining  # cut by us: the client resumes elsewhere
         await close_dispatch(dispatch, cancel=not keep)
+
+
+def frames_of(
+    events: list[Event], writer: ChunkWriter, dispatch: Dispatch, cut: StreamCut
+) -> Iterator[bytes]:
+    """The SSE frames for ``events``; the one that ends the job is flagged as the last."""
+    parts = chunks(events)
+    for i, chunk in enumerate(parts):
+        cut.last_frame = dispatch.finished and i == len(parts) - 1
+        yield writer.frames(chunk)
 
 
 def chunks(events: list[Event], size: int = 64) -> list[list[Event]]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Coroutine, Iterable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]], timeout: float = 5.0) -> None:
@@ -24,3 +26,13 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]], timeout: float =
         _, pending = await asyncio.wait(pending, timeout=0.1)
     for task in pending:  # still running: leave it, but never hang the caller
         task.cancel()
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` to completion on uvloop where it is installed (it ships with
+    ``uvicorn[standard]``; the gateway already runs on it), else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        return asyncio.run(main)
+    return uvloop.run(main)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from shared import lua
 from shared.keys import CONSUMER_GROUP, Keys
@@ -31,8 +32,9 @@ class Claimed:
 class PullResult:
     kind: Literal["empty", "full", "skipped", "job"]
     claimed: Claimed | None = None
-    last_ids: tuple[str, ...] = ()  # of the queues, then the wake stream ('empty' only)
-    next_lease_ms: int = -1  # until the next lease expires ('empty' only; -1: none)
+    # 'empty', or 'job' with nothing else waiting: what to block on instead of pulling again
+    last_ids: tuple[str, ...] = ()  # of the queues, then the wake stream
+    next_lease_ms: int = -1  # until the next lease expires (-1: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,25 +61,36 @@ class JobStore:
 
     # --- gateway side -------------------------------------------------------------------
     async def enqueue(self, job: Job) -> str:
-        """Store the job and append it to its queue; returns the queue entry id."""
+        """Store the job and append it to its queue; returns the queue entry id.
+
+        The job-index entry and the script go out in one round trip. The script is called by
+        its hash (a ``Script`` in a pipeline would add a ``SCRIPT EXISTS`` round trip); when
+        Redis does not know it yet, the ``Script`` call loads it and runs it.
+        """
         k = self.keys
+        keys = [k.job(job.model, job.id), k.queue(job.model, job.priority), k.backlog(job.model)]
+        args: list[str | int] = [
+            job.id,
+            job.model_dump_json(),
+            job.cost_tokens,
+            self.ttl_ms,
+            CONSUMER_GROUP,
+            job.priority.value,
+            k.tenant_part(job.tenant),
+            self.fair_share_tokens,
+            k.model_prefix(job.model),
+        ]
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(k.job_index(job.id), job.model, px=self.ttl_ms)
-            await pipe.execute()
-        entry = await self._enqueue(
-            keys=[k.job(job.model, job.id), k.queue(job.model, job.priority), k.backlog(job.model)],
-            args=[
-                job.id,
-                job.model_dump_json(),
-                job.cost_tokens,
-                self.ttl_ms,
-                CONSUMER_GROUP,
-                job.priority.value,
-                k.tenant_part(job.tenant),
-                self.fair_share_tokens,
-                k.model_prefix(job.model),
-            ],
-        )
+            pipe.evalsha(self._enqueue.sha, len(keys), *keys, *map(str, args))
+            replies = await pipe.execute(raise_on_error=False)
+        entry = replies[1]
+        if isinstance(replies[0], Exception):
+            raise replies[0]
+        if isinstance(entry, NoScriptError):
+            entry = await self._enqueue(keys=keys, args=args)
+        elif isinstance(entry, Exception):
+            raise entry
         return str(entry)
 
     async def cancel(
@@ -165,9 +178,12 @@ class JobStore:
             return PullResult("empty", last_ids=last, next_lease_ms=int(reply[1]))
         if kind != "job":
             return PullResult(kind)
-        _, _job_id, payload, fence, seq, ntok = reply
+        _, _job_id, payload, fence, seq, ntok, *marks = reply
         claimed = Claimed(Job.model_validate_json(payload), int(fence), int(seq), int(ntok))
-        return PullResult("job", claimed=claimed)
+        if not marks:  # more is waiting
+            return PullResult("job", claimed=claimed)
+        last = tuple(str(x) for x in marks[1:])
+        return PullResult("job", claimed=claimed, last_ids=last, next_lease_ms=int(marks[0]))
 
     async def emit(
         self,

@@ -132,7 +132,8 @@ return entry
 #       max deliveries, then one aging bound (ms) per queue (0 = never promoted).
 # Order: an expired lease (takeover) first, then queue heads by priority with aging.
 # Returns {'empty', ms until the next lease expires or -1, last ids...} | {'full'}
-#       | {'skipped', job id, state} | {'job', job id, payload, fence, seq, ntok}
+#       | {'skipped', job id, state} | {'job', job id, payload, fence, seq, ntok[, marks]}
+# where a job from a queue carries the 'empty' reply's marks when nothing else is waiting.
 PULL = (
     _HELPERS
     + r"""
@@ -166,9 +167,8 @@ if #expired > 0 then
   return claim(mp, id, consumer, now, lease)
 end
 
-local best, best_rank, best_age = nil, nil, nil
-for i = 1, nq do
-  local q = KEYS[i]
+-- the first entry of queue q not yet delivered to the group (nil when there is none)
+local function head_of(q)
   local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', q)
   if not ok or #groups == 0 then
     redis.call('XGROUP', 'CREATE', q, group, '0', 'MKSTREAM')
@@ -180,22 +180,15 @@ for i = 1, nq do
     for k = 1, #g, 2 do info[g[k]] = g[k + 1] end
     if info['name'] == group then delivered = info['last-delivered-id'] end
   end
-  local head = redis.call('XRANGE', q, '(' .. delivered, '+', 'COUNT', 1)
-  if #head > 0 then
-    local age = now - tonumber(string.match(head[1][1], '^(%d+)'))
-    local aging = tonumber(ARGV[9 + i])
-    local rank = i
-    if aging > 0 and age >= aging then rank = 0 end
-    if best == nil or rank < best_rank or (rank == 0 and best_rank == 0 and age > best_age) then
-      best, best_rank, best_age = {q, head[1]}, rank, age
-    end
-  end
+  return redis.call('XRANGE', q, '(' .. delivered, '+', 'COUNT', 1)[1]
 end
 
-if best == nil then
-  local out = {'empty', -1}
+-- what an idle worker blocks on: ms until the next lease expires (or -1), then the last id
+-- of every queue and of the wake stream
+local function idle_marks(out)
+  out[#out + 1] = -1
   local next_lease = redis.call('ZRANGE', mp .. 'leases', 0, 0, 'WITHSCORES')
-  if #next_lease > 0 then out[2] = math.max(0, tonumber(next_lease[2]) - now) end
+  if #next_lease > 0 then out[#out] = math.max(0, tonumber(next_lease[2]) - now) end
   for i = 1, #KEYS do
     local ok, info = pcall(redis.call, 'XINFO', 'STREAM', KEYS[i])
     local last = '0-0'
@@ -206,6 +199,23 @@ if best == nil then
   end
   return out
 end
+
+local best, best_rank, best_age = nil, nil, nil
+for i = 1, nq do
+  local q = KEYS[i]
+  local head = head_of(q)
+  if head then
+    local age = now - tonumber(string.match(head[1], '^(%d+)'))
+    local aging = tonumber(ARGV[9 + i])
+    local rank = i
+    if aging > 0 and age >= aging then rank = 0 end
+    if best == nil or rank < best_rank or (rank == 0 and best_rank == 0 and age > best_age) then
+      best, best_rank, best_age = {q, head}, rank, age
+    end
+  end
+end
+
+if best == nil then return idle_marks({'empty'}) end
 
 local fields = {}
 for k = 1, #best[2][2], 2 do fields[best[2][2][k]] = best[2][2][k + 1] end
@@ -224,7 +234,12 @@ if past_deadline(job, now) then
   fail(mp, id, 'expired', 'deadline_exceeded', 'the deadline passed while the job was queued', 504, group, ttl)
   return {'skipped', id, 'expired'}
 end
-return claim(mp, id, consumer, now, lease)
+local out = claim(mp, id, consumer, now, lease)
+for i = 1, nq do
+  if head_of(KEYS[i]) then return out end
+end
+-- nothing else is waiting: the worker may block on these marks instead of pulling again
+return idle_marks(out)
 """
 )
 

@@ -187,7 +187,12 @@ async def wait_state(store: Any, job: Any, states: set[str], timeout: float = 10
     raise TimeoutError(f"job {job.id} did not reach {states}")
 
 
-async def started_at_ms(store: Any, job: Any) -> int:
-    """When a worker started the job: the stream id of its first logged event."""
-    entries = await store.read_log(job.model, job.id, count=1)
+async def started_at_ms(store: Any, job: Any, timeout: float = 2.0) -> int:
+    """When a worker started the job: the stream id of its first logged event (a job just
+    claimed logs ``started`` with its first token, within the coalescing interval)."""
+    end = time.monotonic() + timeout
+    while not (entries := await store.read_log(job.model, job.id, count=1)):
+        if time.monotonic() > end:
+            raise TimeoutError(f"job {job.id} logged nothing in {timeout} s")
+        await asyncio.sleep(0.005)
     return int(entries[0].stream_id.split("-")[0])

@@ -16,6 +16,7 @@ import openai
 from redis.asyncio import Redis
 
 from gateway.admission import Admission, Fleet, summarize
+from gateway.backlog_cache import BacklogCache
 from shared.jobs import JobStore, now_ms
 from shared.keys import Keys
 from shared.models import Priority, WorkerInfo
@@ -76,7 +77,8 @@ async def test_deadline_that_cannot_be_met_is_429_with_computed_retry_after(
     await plant_worker(redis, tokens_per_s=100.0, seq_tokens_per_s=50.0, max_seqs=1)
     await queue_tokens(redis, 500, n=2)  # 1000 tokens ahead at 100 tokens/s: 10 s
     before = await queued(redis)
-    async with running_gateway(gateway_settings(redis_url)) as base, httpx.AsyncClient() as c:
+    exact = gateway_settings(redis_url, admission_backlog_max_age_s=0)  # sees each enqueue
+    async with running_gateway(exact) as base, httpx.AsyncClient() as c:
         t0 = time.perf_counter()
         response = await c.post(f"{base}/v1/chat/completions", json=chat(2000))
         elapsed = time.perf_counter() - t0
@@ -90,6 +92,19 @@ async def test_deadline_that_cannot_be_met_is_429_with_computed_retry_after(
         await queue_tokens(redis, 500, n=2)  # twice the queue: a later Retry-After
         again = await c.post(f"{base}/v1/chat/completions", json=chat(2000))
         assert again.status_code == 429 and again.headers["retry-after"] == "19"
+
+
+async def test_backlog_snapshot_counts_own_admissions_at_once(redis: Redis) -> None:
+    """Other gateways' jobs show up within ``max_age_s``; this gateway's own at once."""
+    cache = BacklogCache(redis, Keys(), max_age_s=0.3)
+    assert (await cache.get("sim-model"))[Priority.NORMAL] == (0, 0)
+    await queue_tokens(redis, 40)  # another gateway's job
+    assert (await cache.get("sim-model"))[Priority.NORMAL] == (0, 0)  # the snapshot is fresh
+    cache.add("sim-model", Priority.NORMAL, 25)
+    assert (await cache.get("sim-model"))[Priority.NORMAL] == (25, 1)
+    await asyncio.sleep(0.35)
+    reads = await asyncio.gather(*(cache.get("sim-model") for _ in range(5)))
+    assert all(r[Priority.NORMAL] == (40, 1) for r in reads)  # stale: read again
 
 
 async def test_higher_priority_does_not_wait_behind_lower(redis: Redis, redis_url: str) -> None:

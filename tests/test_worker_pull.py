@@ -136,3 +136,38 @@ async def test_backlog_counts_only_queued_jobs(redis: Redis, redis_url: str) -> 
         for job in jobs[1:]:
             await wait_state(store, job, DONE)
     assert (await read_backlog(redis, Keys(), "sim-model"))[Priority.HIGH] == (0, 0)
+
+
+async def test_pull_says_when_nothing_else_is_waiting(redis: Redis) -> None:
+    """A claim that empties the queues carries what to block on; with more queued it does not."""
+    store = store_for(redis)
+    first, second = make_job(), make_job(priority="high")
+    await store.enqueue(first)
+    await store.enqueue(second)
+    pull = {"free_tokens": 10_000, "idle": True, "lease_ms": 60_000, "aging_ms": {}}
+    taken = await store.pull("sim-model", "w", max_deliveries=3, **pull)  # type: ignore[arg-type]
+    assert taken.claimed is not None and taken.claimed.job.id == second.id
+    assert taken.last_ids == ()  # the normal job still waits: pull again
+    taken = await store.pull("sim-model", "w", max_deliveries=3, **pull)  # type: ignore[arg-type]
+    assert taken.claimed is not None and taken.claimed.job.id == first.id
+    assert len(taken.last_ids) == 4  # three queues and the wake stream
+    assert taken.next_lease_ms > 50_000  # both leases run for a minute
+
+
+async def test_short_job_is_written_in_two_batches(redis: Redis, redis_url: str) -> None:
+    """``started`` rides with the first token and the end with the last tokens: a job that
+    generates within the coalescing interval costs two writes, not one per event kind."""
+    store = store_for(redis)
+    settings = worker_settings(
+        redis_url, sim_ttft_ms=0.0, sim_tokens_per_s=100_000.0, coalesce_ms=300.0
+    )
+    async with running_worker(settings):
+        job = make_job(max_tokens=8)
+        await store.enqueue(job)
+        await wait_state(store, job, DONE)
+    entries = await store.read_log(job.model, job.id)
+    kinds = [[e.t for e in entry.batch.events] for entry in entries]
+    assert len(entries) == 2, kinds
+    assert kinds[0][:2] == ["started", "token"]
+    assert kinds[-1][-1] == "done" and kinds[-1].count("token") >= 1
+    assert sum(k.count("token") for k in kinds) == 8

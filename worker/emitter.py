@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from redis.exceptions import RedisError
@@ -24,14 +25,25 @@ from shared.models import (
 class EventEmitter:
     """Numbers a job's events and writes them in batches at most every ``interval_s``.
 
-    The first token goes out at once; tokens that arrive while a batch is being written, or
-    within ``interval_s`` of the previous write, ride in the next batch. Order is preserved
-    because one task writes. A write the store refuses (the fence moved: lease lost, job
-    cancelled) raises ``LeaseLost``.
+    Every write is one Redis round trip and one wake-up of each reader, so writes are few:
+    ``started`` waits up to ``interval_s`` for the first token and goes out with it; the first
+    token goes out at once; later tokens that arrive while a batch is being written, or within
+    ``interval_s`` of the previous write, ride in the next batch; the end takes whatever is
+    still waiting into the terminal write. Order is preserved because one task writes at a
+    time. A write the store refuses (the fence moved: lease lost, job cancelled) raises
+    ``LeaseLost``.
     """
 
-    def __init__(self, store: JobStore, claimed: Claimed, interval_s: float) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        claimed: Claimed,
+        interval_s: float,
+        *,
+        first_write: asyncio.Event | None = None,
+    ) -> None:
         self.store = store
+        self.first_write = first_write  # set as the first write goes out
         self.claimed = claimed
         self.interval_s = interval_s
         self.seq = claimed.seq
@@ -40,6 +52,9 @@ class EventEmitter:
         self.last_write = 0.0
         self.tokens_written = 0
         self._flusher: asyncio.Task[None] | None = None
+        self._holding = False  # the writer task is waiting (not writing): safe to cancel
+        self._closing = False  # the end is coming: the writer task stops after its write
+        self._first_token = asyncio.Event()
         self._lock = asyncio.Lock()
         self._failure: BaseException | None = None
 
@@ -63,6 +78,7 @@ class EventEmitter:
             raise self._failure
         self.pending.append(TokenEvent(s=self._next(), x=text))
         self.pending_tokens += engine_tokens
+        self._first_token.set()
         self._schedule()
 
     def _schedule(self) -> None:
@@ -71,18 +87,37 @@ class EventEmitter:
 
     async def _flush_loop(self) -> None:
         try:
-            while self.pending:
-                wait = self.last_write + self.interval_s - time.monotonic()
-                if wait > 0 and self.tokens_written:  # the first token never waits
-                    await asyncio.sleep(wait)
+            while self.pending and not self._closing:
+                self._holding = True
+                try:
+                    await self._hold()
+                finally:
+                    self._holding = False
                 await self.flush()
         except (LeaseLost, RedisError, OSError) as failure:
             self._failure = failure
 
+    async def _hold(self) -> None:
+        """Wait until the pending events are due: the first token is due at once."""
+        if not self.tokens_written:
+            if not self._first_token.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.interval_s):
+                        await self._first_token.wait()
+            return
+        wait = self.last_write + self.interval_s - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
     async def _settle(self) -> None:
-        """Let the writer task finish what it took; re-raise what it failed with."""
-        if self._flusher is not None:
-            await asyncio.shield(self._flusher)
+        """Stop the writer task (at once if it is only waiting; else after its write) and
+        re-raise what it failed with; whatever it did not take is still in ``pending``."""
+        self._closing = True
+        flusher = self._flusher
+        if flusher is not None and not flusher.done():
+            if self._holding:
+                flusher.cancel()  # never cancelled inside a write: that would lose its batch
+            await asyncio.wait([flusher])  # our own cancellation still propagates
         if self._failure is not None:
             raise self._failure
 
@@ -94,24 +129,21 @@ class EventEmitter:
             self.pending, self.pending_tokens = [], 0
             self.last_write = time.monotonic()
             self.tokens_written += tokens
+            if self.first_write is not None:
+                self.first_write.set()  # whoever waits runs once this task yields, after the send
             ok = await self.store.emit(self.claimed, batch, new_tokens=tokens, terminal=terminal)
             if not ok:
                 raise LeaseLost(self.claimed.job.id)
 
     async def done(self, finish_reason: str, usage: Usage) -> None:
-        await self._settle()  # the end goes in the terminal write, after every token
+        await self._settle()  # the end goes in the terminal write, with what is still pending
         self.pending.append(DoneEvent(s=self._next(), finish_reason=finish_reason, usage=usage))
-        await self._finish(JobState.COMPLETED)
+        await self.flush(terminal=JobState.COMPLETED)
 
     async def error(self, code: str, message: str, status: int) -> None:
         await self._settle()
         self.pending.append(ErrorEvent(s=self._next(), code=code, message=message, status=status))
-        await self._finish(JobState.FAILED)
-
-    async def _finish(self, state: JobState) -> None:
-        # The writer task has settled (never cancelled: one cancelled inside ``store.emit``
-        # would lose the batch it took, leaving a gap before the end that no reader can fill).
-        await self.flush(terminal=state)
+        await self.flush(terminal=JobState.FAILED)
 
     async def aclose(self) -> None:
         if self._flusher is not None and not self._flusher.done():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -70,10 +71,11 @@ async def run_job(
     worker_id: str,
     coalesce_s: float,
     throughput: Throughput,
+    first_write: asyncio.Event | None = None,
 ) -> JobOutcome:
     """Generate ``claimed`` to its end; returns how it ended (``LeaseLost`` ends it quietly)."""
     job = claimed.job
-    emitter = EventEmitter(store, claimed, coalesce_s)
+    emitter = EventEmitter(store, claimed, coalesce_s, first_write=first_write)
     tokens = 0
     bound = log.bind(job_id=job.id, request_id=job.request_id, model=job.model)
     try:

@@ -7,6 +7,7 @@ import signal
 
 import structlog
 
+from shared import aio
 from shared.logs import configure_logging
 from shared.redis import connect
 from worker.engines import build_engine
@@ -41,4 +42,4 @@ def main(settings: WorkerSettings) -> None:
     structlog.get_logger("slipstream.worker").info(
         "worker_config", model=settings.model, engine=settings.engine
     )
-    asyncio.run(serve(settings))
+    aio.run(serve(settings))

@@ -132,10 +132,18 @@ class Worker:
             max_deliveries=self.settings.max_deliveries,
         )
         if result.kind == "job" and result.claimed is not None:
-            self._start(result.claimed)
+            began = self._start(result.claimed)
+            if not result.last_ids:
+                await asyncio.sleep(0)  # more is waiting: pull again once the job has begun
+                return
+            # Nothing else is waiting: let the job's first write (its first token) go out
+            # before ours, which only blocks until something is queued.
+            with suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.coalesce_ms / 1000):
+                    await began.wait()
         elif result.kind == "full":
             await cap.wait_for_release(1.0)
-        elif result.kind == "empty":
+        if result.last_ids:  # nothing (else) is waiting: block until something is queued
             block = self.settings.block_ms
             if result.next_lease_ms >= 0:  # wake when the next lease could expire
                 block = max(1, min(block, result.next_lease_ms + 5))
@@ -157,13 +165,16 @@ class Worker:
         with suppress(TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), seconds)
 
-    def _start(self, claimed: Claimed) -> None:
+    def _start(self, claimed: Claimed) -> asyncio.Event:
+        """Run the job in its own task; returns the event set as its first write goes out."""
         cost = claimed.job.cost_tokens
         self.capacity.reserve(cost)
-        task = asyncio.create_task(self._run(claimed), name=f"job-{claimed.job.id}")
+        began = asyncio.Event()
+        task = asyncio.create_task(self._run(claimed, began), name=f"job-{claimed.job.id}")
         self.running[claimed.job.id] = (task, claimed)
+        return began
 
-    async def _run(self, claimed: Claimed) -> object:
+    async def _run(self, claimed: Claimed, began: asyncio.Event) -> object:
         outcome = "crashed"
         try:
             result = await run_job(
@@ -173,6 +184,7 @@ class Worker:
                 worker_id=self.id,
                 coalesce_s=self.settings.coalesce_ms / 1000,
                 throughput=self.throughput,
+                first_write=began,
             )
             outcome = result.state
             return result
