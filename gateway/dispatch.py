@@ -25,6 +25,23 @@ log = structlog.get_logger("slipstream.gateway")
 
 
 class Dispatch:
+    __slots__ = (
+        "_quiet_checks",
+        "cancel_on_exit",
+        "created",
+        "events",
+        "first_token_at",
+        "job",
+        "observer",
+        "stall_timeout_s",
+        "started",
+        "started_at",
+        "store",
+        "submit",
+        "worker_ttl_s",
+        "worker_wait_s",
+    )
+
     def __init__(
         self,
         store: JobStore,

@@ -8,7 +8,6 @@ listener lagged, or nothing arrived for a while.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from types import TracebackType
 
@@ -21,6 +20,21 @@ from shared.models import TERMINAL_EVENT_TYPES, Event, EventBatch
 
 class JobEvents:
     LOG_PAGE = 16  # log entries per read: bounds what one stream holds in memory at once
+
+    __slots__ = (
+        "finished",
+        "job_id",
+        "last_event_at",
+        "last_log_read",
+        "listener",
+        "log_pos",
+        "model",
+        "mux",
+        "needs_log",
+        "poll_s",
+        "seq",
+        "store",
+    )
 
     def __init__(
         self,
@@ -78,23 +92,16 @@ class JobEvents:
             left = end - time.monotonic()
             if left <= 0:
                 return []
-            self.listener.wake.clear()
-            if self.listener.queue:
-                continue
-            try:
-                async with asyncio.timeout(left):  # no extra task per wait, unlike wait_for
-                    await self.listener.wake.wait()
-            except TimeoutError:
-                # quiet for a while: make sure nothing was missed (pub/sub only loses messages
-                # on a disconnect, which marks the listener anyway; this is the belt to it)
-                if time.monotonic() - max(self.last_event_at, self.last_log_read) >= self.poll_s:
-                    self.needs_log = True
+            # quiet for a while: make sure nothing was missed (pub/sub only loses messages on
+            # a disconnect, which marks the listener anyway; this is the belt to it)
+            quiet_since = max(self.last_event_at, self.last_log_read)
+            if not await self.listener.wait(left) and time.monotonic() - quiet_since >= self.poll_s:
+                self.needs_log = True
 
     def _from_queue(self) -> list[Event]:
         assert self.listener is not None
         out: list[Event] = []
-        while self.listener.queue:
-            raw = self.listener.queue.popleft()
+        for raw in self.listener.take():
             try:
                 batch = EventBatch.model_validate_json(raw)
             except ValidationError:
@@ -113,7 +120,7 @@ class JobEvents:
         self.needs_log = False
         self.last_log_read = time.monotonic()
         self.listener.lagging = False
-        self.listener.queue.clear()  # the log covers whatever is queued
+        self.listener.take()  # the log covers whatever is queued
         out: list[Event] = []
         entries = await self.store.read_log(
             self.model, self.job_id, after=self.log_pos, count=self.LOG_PAGE

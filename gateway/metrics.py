@@ -198,6 +198,18 @@ class GatewayMetrics:
 class RequestObserver:
     """Follows one request's events (fed by its ``Dispatch``); records it once, at the end."""
 
+    __slots__ = (
+        "closed",
+        "ended_at",
+        "job",
+        "last_token_at",
+        "metrics",
+        "outcome",
+        "stream",
+        "timed",
+        "tokens",
+    )
+
     def __init__(self, metrics: GatewayMetrics, job: Job, *, stream: bool, timed: bool) -> None:
         self.metrics = metrics
         self.job = job

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections import deque
 
 import structlog
 from redis.asyncio import Redis
@@ -25,29 +24,53 @@ log = structlog.get_logger("slipstream.gateway")
 class Listener:
     """What one stream receives: raw batch JSON, plus a flag saying "you missed something".
 
-    A plain deque and one event (not an ``asyncio.Queue``, which carries two more deques and
-    an event of its own): there is one reader, and it is woken through ``wake``.
+    Lean, because there is one per open stream: a list (an empty ``deque`` or an
+    ``asyncio.Queue`` costs over half a kilobyte) and a future that exists only while the
+    stream's reader waits (an ``asyncio.Event`` keeps a deque of waiters for good).
     """
 
-    __slots__ = ("channel", "lagging", "queue", "size", "wake")
+    __slots__ = ("channel", "lagging", "queue", "size", "waiter")
 
     def __init__(self, channel: str, size: int) -> None:
         self.channel = channel
         self.size = size
-        self.queue: deque[str] = deque()
+        self.queue: list[str] = []
         self.lagging = False
-        self.wake = asyncio.Event()
+        self.waiter: asyncio.Future[None] | None = None
 
     def deliver(self, data: str) -> None:
         if len(self.queue) < self.size:
             self.queue.append(data)
         else:
             self.lagging = True
-        self.wake.set()
+        self._wake()
 
     def mark_lagging(self) -> None:
         self.lagging = True
-        self.wake.set()
+        self._wake()
+
+    def take(self) -> list[str]:
+        """Everything delivered so far, oldest first."""
+        taken, self.queue = self.queue, []
+        return taken
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a delivery; False when none came."""
+        if self.queue or self.lagging:
+            return True
+        self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):  # no task per wait, unlike wait_for
+                await self.waiter
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self.waiter = None
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
 
 class PubSubMultiplexer:

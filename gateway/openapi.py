@@ -7,10 +7,13 @@ with every ``$ref`` inlined, so clients and fuzzers (schemathesis) see the real 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
+from starlette.routing import BaseRoute
 
 from gateway.settings import GatewaySettings
 
@@ -62,16 +65,20 @@ def _limit(body: dict[str, Any], settings: GatewaySettings) -> None:
         props["messages"]["maxItems"] = settings.max_messages
 
 
-def document_limits(app: FastAPI, settings: GatewaySettings) -> None:
-    """Make ``/openapi.json`` state this gateway's limits (max_tokens cap, stop sequences,
-    message count), so the documented contract is the enforced one."""
+def document(app: FastAPI, settings: GatewaySettings, unmounted: Sequence[BaseRoute]) -> None:
+    """Make ``/openapi.json`` describe the routes FastAPI does not see (``unmounted``: API
+    routes that only document plain Starlette routes) and state this gateway's limits
+    (max_tokens cap, stop sequences, message count), so the documented contract is the
+    enforced one."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = build()
-        for path in schema.get("paths", {}).values():
+        extra = get_openapi(title=app.title, version=app.version, routes=list(unmounted))
+        schema["paths"] = {**extra["paths"], **schema.get("paths", {})}
+        for path in schema["paths"].values():
             body = path.get("post", {}).get("requestBody", {})
             found = body.get("content", {}).get("application/json", {}).get("schema", {})
             for option in found.get("oneOf", [found]):

@@ -24,6 +24,8 @@ class StreamCut:
     runs), or the frame source's word that the frame it yields next is its last (sent with
     the end of the body, saving a write)."""
 
+    __slots__ = ("client_gone", "last_frame", "too_slow")
+
     def __init__(self) -> None:
         self.too_slow = False
         self.client_gone = False

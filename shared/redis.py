@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -23,7 +23,9 @@ def connect(
     a Redis restart does not arrive as one herd.
     """
     retry = Retry(EqualJitterBackoff(cap=2.0, base=0.05), retries=6)
-    client: Redis = Redis.from_url(
+    # Blocking: a burst of more concurrent commands than connections waits for a free one
+    # (up to ``socket_timeout``) instead of failing with "Too many connections".
+    pool = BlockingConnectionPool.from_url(
         url,
         decode_responses=True,
         socket_timeout=socket_timeout,
@@ -31,7 +33,9 @@ def connect(
         health_check_interval=15,
         retry=retry,
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        max_connections=max_connections,
+        max_connections=max_connections or 512,
+        timeout=socket_timeout,
         client_name=client_name,
     )
+    client: Redis = Redis.from_pool(pool)  # aclose() closes the pool too
     return client
