@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,6 +36,16 @@ class PullResult:
     # 'empty', or 'job' with nothing else waiting: what to block on instead of pulling again
     last_ids: tuple[str, ...] = ()  # of the queues, then the wake stream
     next_lease_ms: int = -1  # until the next lease expires (-1: none)
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """One job's batch of events to log and publish, fenced by the claim that made it."""
+
+    claimed: Claimed
+    batch: EventBatch
+    new_tokens: int
+    terminal: JobState | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,24 +205,50 @@ class JobStore:
         terminal: JobState | None = None,
     ) -> bool:
         """Log and publish a batch if the caller still holds the job; False when fenced off."""
-        job = claimed.job
-        k = self.keys
-        ok = await self._emit(
-            keys=[k.job(job.model, job.id), k.job_log(job.model, job.id)],
-            args=[
-                claimed.fence,
-                k.job_channel(job.model, job.id),
-                batch.model_dump_json(),
-                batch.events[-1].s,
-                new_tokens,
-                self.ttl_ms,
-                terminal.value if terminal else "",
-                CONSUMER_GROUP,
-                k.model_prefix(job.model),
-                job.id,
-            ],
-        )
-        return bool(ok)
+        keys, args = self._emit_call(Emit(claimed, batch, new_tokens, terminal))
+        return bool(await self._emit(keys=keys, args=args))
+
+    async def emit_many(self, emits: Sequence[Emit]) -> list[bool | Exception]:
+        """Several jobs' batches in one round trip (a pipeline of ``EMIT`` calls by hash);
+        for each, whether it was written (False: fenced off) or the error it met. Only the
+        calls Redis refused with ``NOSCRIPT`` are sent again, after loading the script."""
+        calls = [self._emit_call(e) for e in emits]
+        results: list[bool | Exception] = [False] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for i in todo:
+                    keys, args = calls[i]
+                    pipe.evalsha(self._emit.sha, len(keys), *keys, *map(str, args))
+                replies = await pipe.execute(raise_on_error=False)
+            missing = []
+            for i, reply in zip(todo, replies, strict=True):
+                if isinstance(reply, NoScriptError) and attempt == 0:
+                    missing.append(i)
+                else:
+                    results[i] = reply if isinstance(reply, Exception) else bool(reply)
+            if not missing:
+                break
+            await self.redis.script_load(lua.EMIT)
+            todo = missing
+        return results
+
+    def _emit_call(self, emit: Emit) -> tuple[list[str], list[str | int]]:
+        job, k = emit.claimed.job, self.keys
+        keys = [k.job(job.model, job.id), k.job_log(job.model, job.id)]
+        args: list[str | int] = [
+            emit.claimed.fence,
+            k.job_channel(job.model, job.id),
+            emit.batch.model_dump_json(),
+            emit.batch.events[-1].s,
+            emit.new_tokens,
+            self.ttl_ms,
+            emit.terminal.value if emit.terminal else "",
+            CONSUMER_GROUP,
+            k.model_prefix(job.model),
+            job.id,
+        ]
+        return keys, args
 
     async def renew(self, model: str, leases: dict[str, int], lease_ms: int) -> dict[str, bool]:
         """Extend the leases of ``{job id: fence}``; maps each job to whether it is still ours."""
@@ -244,6 +281,7 @@ class JobStore:
 
 __all__ = [
     "Claimed",
+    "Emit",
     "JobStore",
     "LogEntry",
     "PullResult",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from typing import Protocol
 
 from redis.exceptions import RedisError
 
@@ -20,6 +21,19 @@ from shared.models import (
     TokenEvent,
     Usage,
 )
+
+
+class EmitSink(Protocol):
+    """Writes one job's batch, fenced: ``JobStore`` itself, or a worker's ``EmitBatcher``."""
+
+    async def emit(
+        self,
+        claimed: Claimed,
+        batch: EventBatch,
+        *,
+        new_tokens: int,
+        terminal: JobState | None = None,
+    ) -> bool: ...
 
 
 class EventEmitter:
@@ -41,8 +55,10 @@ class EventEmitter:
         interval_s: float,
         *,
         first_write: asyncio.Event | None = None,
+        sink: EmitSink | None = None,
     ) -> None:
         self.store = store
+        self.sink: EmitSink = sink or store  # where batches go: the store, or a shared batcher
         self.first_write = first_write  # set as the first write goes out
         self.claimed = claimed
         self.interval_s = interval_s
@@ -131,7 +147,7 @@ class EventEmitter:
             self.tokens_written += tokens
             if self.first_write is not None:
                 self.first_write.set()  # whoever waits runs once this task yields, after the send
-            ok = await self.store.emit(self.claimed, batch, new_tokens=tokens, terminal=terminal)
+            ok = await self.sink.emit(self.claimed, batch, new_tokens=tokens, terminal=terminal)
             if not ok:
                 raise LeaseLost(self.claimed.job.id)
 

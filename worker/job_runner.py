@@ -11,7 +11,7 @@ import structlog
 from shared.errors import LeaseLost
 from shared.jobs import Claimed, JobStore
 from shared.models import TokenEvent, Usage
-from worker.emitter import EventEmitter
+from worker.emitter import EmitSink, EventEmitter
 from worker.engine import Engine, EngineError, GenerationRequest
 from worker.stops import StopMatcher
 
@@ -72,10 +72,11 @@ async def run_job(
     coalesce_s: float,
     throughput: Throughput,
     first_write: asyncio.Event | None = None,
+    sink: EmitSink | None = None,
 ) -> JobOutcome:
     """Generate ``claimed`` to its end; returns how it ended (``LeaseLost`` ends it quietly)."""
     job = claimed.job
-    emitter = EventEmitter(store, claimed, coalesce_s, first_write=first_write)
+    emitter = EventEmitter(store, claimed, coalesce_s, first_write=first_write, sink=sink)
     tokens = 0
     bound = log.bind(job_id=job.id, request_id=job.request_id, model=job.model)
     try:

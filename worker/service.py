@@ -17,6 +17,7 @@ from shared.jobs import Claimed, JobStore, now_ms
 from shared.keys import Keys
 from shared.models import Priority, WorkerInfo
 from worker.capacity import Capacity
+from worker.emit_batcher import EmitBatcher
 from worker.engine import Engine
 from worker.job_runner import Throughput, run_job
 from worker.metrics import WorkerMetrics
@@ -35,6 +36,7 @@ class Worker:
         self.engine = engine
         self.keys = Keys(settings.prefix)
         self.store = JobStore(redis, self.keys, ttl_s=settings.job_log_ttl_s)
+        self.emits = EmitBatcher(self.store)  # all jobs' event batches share round trips
         tokens, seqs = engine.capacity() or (settings.capacity_tokens, settings.max_seqs)
         self.capacity = Capacity(tokens, seqs)
         self.throughput = Throughput()
@@ -82,6 +84,7 @@ class Worker:
             await cancel_and_wait(helpers)
             with suppress(RedisError, OSError):
                 await self.registry.leave()
+            await self.emits.close()
             await self.engine.close()
             await self.metrics.stop_server()
             log.info("worker_stopped", worker_id=self.id)
@@ -185,6 +188,7 @@ class Worker:
                 coalesce_s=self.settings.coalesce_ms / 1000,
                 throughput=self.throughput,
                 first_write=began,
+                sink=self.emits,
             )
             outcome = result.state
             return result
