@@ -75,7 +75,7 @@ def _merged(base: dict[str, Any], new: dict[str, Any], only: tuple[str, ...]) ->
     out["total_seconds"] = round(sum(out["seconds"].values()), 1)
     out["merged"] = [
         *base.get("merged", []),
-        {"experiments": list(only), "machine": new["machine"]},
+        {"experiments": list(only), "machine": new["machine"], "mode": new["plan"]["mode"]},
     ]
     return out
 

@@ -45,7 +45,6 @@ def describe() -> dict[str, Any]:
         "uvicorn",
         "starlette",
         "fastapi",
-        "sse-starlette",
         "redis",
         "hiredis",
         "uvloop",

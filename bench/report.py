@@ -51,6 +51,19 @@ def _load(results: dict[str, Any]) -> str:
     return f" Load average (1/5/15 min) when a run started: {'; '.join(loads)}." if loads else ""
 
 
+def _merged_md(results: dict[str, Any]) -> str:
+    """One line per experiment re-run into these results (``--merge``), with its mode."""
+    lines = []
+    for m in results.get("merged", []):
+        mode = m.get("mode", "the same mode")
+        lines.append(
+            f"- Merged in: {', '.join(m['experiments'])} from a later run in {mode} mode "
+            f"(`python -m bench {m.get('mode', '...')} --only {','.join(m['experiments'])} "
+            f"--merge <results>`), started {m['machine'].get('date', '?')}.\n"
+        )
+    return "".join(lines)
+
+
 def method_md(results: dict[str, Any]) -> str:
     plan, machine = results["plan"], results["machine"]
     pkgs = ", ".join(f"{k} {v}" for k, v in machine["packages"].items() if v)
@@ -70,6 +83,7 @@ def method_md(results: dict[str, Any]) -> str:
         f"fleet change {plan['churn_duration_s']:.0f} s. `make bench-full` runs loads "
         "0.5/0.7/0.85/0.95/1.1 for 60 s with 3 repetitions each, 1k-10k streams, 60 s fleet "
         "changes and 2000 requests per overhead repetition.\n"
+        f"{_merged_md(results)}"
         "- Everything runs on 127.0.0.1 of this one machine: load generator, balancers, "
         "backends, Redis, gateway and workers share its cores, so absolute figures are "
         "pessimistic for every arm; the comparison is like for like (same trace, same client, "
