@@ -41,7 +41,7 @@ class BacklogCache:
         read = self.reads.get(model)
         if read is None:
             read = self.reads[model] = asyncio.ensure_future(self._read(model))
-        return dict(await asyncio.shield(read))
+        return await asyncio.shield(read)
 
     async def _read(self, model: str) -> Backlog:
         try:

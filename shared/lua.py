@@ -200,11 +200,12 @@ local function idle_marks(out)
   return out
 end
 
-local best, best_rank, best_age = nil, nil, nil
+local best, best_rank, best_age, heads = nil, nil, nil, 0
 for i = 1, nq do
   local q = KEYS[i]
   local head = head_of(q)
   if head then
+    heads = heads + 1
     local age = now - tonumber(string.match(head[1], '^(%d+)'))
     local aging = tonumber(ARGV[9 + i])
     local rank = i
@@ -235,9 +236,9 @@ if past_deadline(job, now) then
   return {'skipped', id, 'expired'}
 end
 local out = claim(mp, id, consumer, now, lease)
-for i = 1, nq do
-  if head_of(KEYS[i]) then return out end
-end
+-- another queue had a head, or this one has a next entry (maybe a tenant's deferred job
+-- that unqueue just moved in): more is waiting
+if heads > 1 or head_of(best[1]) then return out end
 -- nothing else is waiting: the worker may block on these marks instead of pulling again
 return idle_marks(out)
 """

@@ -10,7 +10,7 @@ from typing import Protocol
 from redis.exceptions import RedisError
 
 from shared.errors import LeaseLost
-from shared.jobs import Claimed, JobStore
+from shared.jobs import Claimed
 from shared.models import (
     DoneEvent,
     ErrorEvent,
@@ -50,15 +50,13 @@ class EventEmitter:
 
     def __init__(
         self,
-        store: JobStore,
+        sink: EmitSink,
         claimed: Claimed,
         interval_s: float,
         *,
         first_write: asyncio.Event | None = None,
-        sink: EmitSink | None = None,
     ) -> None:
-        self.store = store
-        self.sink: EmitSink = sink or store  # where batches go: the store, or a shared batcher
+        self.sink = sink  # where batches go: the store itself, or the worker's shared batcher
         self.first_write = first_write  # set as the first write goes out
         self.claimed = claimed
         self.interval_s = interval_s

@@ -76,7 +76,7 @@ async def run_job(
 ) -> JobOutcome:
     """Generate ``claimed`` to its end; returns how it ended (``LeaseLost`` ends it quietly)."""
     job = claimed.job
-    emitter = EventEmitter(store, claimed, coalesce_s, first_write=first_write, sink=sink)
+    emitter = EventEmitter(sink or store, claimed, coalesce_s, first_write=first_write)
     tokens = 0
     bound = log.bind(job_id=job.id, request_id=job.request_id, model=job.model)
     try:
