@@ -15,11 +15,12 @@ from shared.errors import error_envelope, error_type_for
 from shared.models import DoneEvent, ErrorEvent, Event, TokenEvent, Usage
 
 
-def _usage_dict(usage: Usage) -> dict[str, int]:
+def _usage_dict(usage: Usage) -> dict[str, Any]:
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     }
 
 

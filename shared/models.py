@@ -83,6 +83,7 @@ class Job(BaseModel):
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens the engine reused from its cache (warm prefix)
 
     @property
     def total_tokens(self) -> int:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from shared.models import Job
+from shared.prompt import TRANSCRIPT_STOPS, render_transcript
+from worker.warm import WarmPrefixes
 
 
 class EngineError(Exception):
@@ -18,6 +20,14 @@ class EngineError(Exception):
         self.status = status
 
 
+@dataclass(slots=True)
+class GenerationStats:
+    """What the engine reports about one generation while it runs (the runner reads it)."""
+
+    cached_tokens: int = 0  # prompt tokens reused from the engine's cache (not prefilled)
+    prompt_tokens: int = 0  # prompt tokens as the engine counted them (0: not counted)
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """Generate ``job`` continuing after ``produced`` (empty unless this is a failover)."""
@@ -25,6 +35,7 @@ class GenerationRequest:
     job: Job
     produced: str = ""
     produced_tokens: int = 0
+    stats: GenerationStats = field(default_factory=GenerationStats)
 
 
 class Engine(Protocol):
@@ -48,6 +59,10 @@ class Engine(Protocol):
     async def count_prompt_tokens(self, job: Job) -> int:
         """Tokens the job's rendered prompt takes."""
 
+    def warm(self) -> WarmPrefixes | None:
+        """The prefixes the engine holds warm (advertised for routing), or None if it cannot
+        tell. The engine records into it; the worker reads and advertises it."""
+
     def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
         """Yield the text of each new token; stop at ``max_tokens`` or end of sequence.
 
@@ -55,12 +70,11 @@ class Engine(Protocol):
         """
 
 
-def render_transcript(job: Job) -> str:
-    """Chat as a plain transcript, for models without a chat template (base models)."""
-    if job.prompt is not None:
-        return job.prompt
-    lines = [f"{m.role.capitalize()}: {m.content}" for m in job.messages or []]
-    return "\n".join(lines) + "\nAssistant:"
-
-
-TRANSCRIPT_STOPS = ("\nUser:", "\nSystem:", "\nAssistant:")
+__all__ = [
+    "TRANSCRIPT_STOPS",
+    "Engine",
+    "EngineError",
+    "GenerationRequest",
+    "GenerationStats",
+    "render_transcript",
+]

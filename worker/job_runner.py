@@ -85,6 +85,7 @@ async def run_job(
         prompt_tokens = await engine.count_prompt_tokens(job)
         stops = StopMatcher(job.params.stop)
         request = GenerationRequest(job, produced, claimed.tokens_done)
+        stats = request.stats
         finish = "length"
         began = time.monotonic()
         stream = engine.generate(request)
@@ -109,9 +110,19 @@ async def run_job(
         tail = stops.flush()
         if tail:
             await emitter.token(tail, engine_tokens=held)
-        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=claimed.tokens_done + tokens)
+        usage = Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=claimed.tokens_done + tokens,
+            cached_tokens=min(stats.cached_tokens, prompt_tokens),
+        )
         await emitter.done(finish, usage)
-        bound.info("job_completed", tokens=tokens, finish_reason=finish)
+        bound.info(
+            "job_completed",
+            tokens=tokens,
+            finish_reason=finish,
+            prompt_tokens=prompt_tokens,
+            cached_tokens=usage.cached_tokens,
+        )
         return JobOutcome("completed", tokens)
     except LeaseLost:
         bound.info("job_fenced", tokens=tokens)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.models import Job
+from worker.warm import WarmPrefixes
 from worker.engine import TRANSCRIPT_STOPS, EngineError, GenerationRequest, render_transcript
 from worker.settings import LlamaSettings
 from worker.stops import StopMatcher
@@ -188,6 +189,9 @@ class LlamaEngine:
         self.free = asyncio.Queue()
         for llm in llms:
             await asyncio.to_thread(llm.close)
+
+    def warm(self) -> WarmPrefixes | None:
+        return None
 
     def healthy(self) -> bool:
         return bool(self.llms) and self.pool is not None

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from shared.models import Job
+from worker.warm import WarmPrefixes
 from worker.engine import EngineError, GenerationRequest, render_transcript
 from worker.settings import SimSettings
 
@@ -111,6 +112,9 @@ class SimEngine:
         return None
 
     async def close(self) -> None:
+        return None
+
+    def warm(self) -> WarmPrefixes | None:
         return None
 
     def healthy(self) -> bool:

@@ -25,6 +25,7 @@ from typing import Any, cast
 import httpx
 
 from shared.models import Job
+from worker.warm import WarmPrefixes
 from worker.engine import TRANSCRIPT_STOPS, EngineError, GenerationRequest, render_transcript
 from worker.settings import WorkerSettings
 
@@ -153,6 +154,9 @@ class UpstreamEngine:
             await self.client.aclose()
             self.client = None
         self.up = False
+
+    def warm(self) -> WarmPrefixes | None:
+        return None
 
     def healthy(self) -> bool:
         return self.up
