@@ -52,6 +52,12 @@ def worker(
     ] = None,
     sim_tokens_per_s: Annotated[float | None, typer.Option(help="Simulator: tokens/s")] = None,
     sim_slowdown: Annotated[float | None, typer.Option(help="Simulator: slowdown/seq")] = None,
+    sim_prefill_tokens_per_s: Annotated[
+        float | None, typer.Option(help="Simulator: prefill tokens/s of uncached prompt (0: free)")
+    ] = None,
+    sim_cache_tokens: Annotated[
+        int | None, typer.Option(help="Simulator: prefix cache size in tokens")
+    ] = None,
     model_path: Annotated[str | None, typer.Option(help="llama: a GGUF file")] = None,
     slots: Annotated[int | None, typer.Option(help="llama: model contexts")] = None,
     n_ctx: Annotated[int | None, typer.Option(help="llama: tokens per context")] = None,
@@ -73,6 +79,8 @@ def worker(
         sim_ttft_ms=sim_ttft_ms,
         sim_tokens_per_s=sim_tokens_per_s,
         sim_slowdown=sim_slowdown,
+        sim_prefill_tokens_per_s=sim_prefill_tokens_per_s,
+        sim_cache_tokens=sim_cache_tokens,
         model_path=model_path,
         slots=slots,
         n_ctx=n_ctx,
@@ -92,11 +100,25 @@ def sim_server(
     sim_ttft_ms: Annotated[float, typer.Option(help="Time to first token")] = 20.0,
     sim_tokens_per_s: Annotated[float, typer.Option(help="Tokens/s of one sequence")] = 100.0,
     sim_slowdown: Annotated[float, typer.Option(help="Slowdown per extra sequence")] = 0.0,
+    sim_prefill_tokens_per_s: Annotated[
+        float, typer.Option(help="Prefill tokens/s of uncached prompt (0: free)")
+    ] = 0.0,
+    sim_cache_tokens: Annotated[int, typer.Option(help="Prefix cache size in tokens")] = 32768,
 ) -> None:
     """Serve the simulator as a standalone OpenAI-compatible server (benchmarks, tests)."""
     from worker.sim_server import serve_sim
 
-    serve_sim(host, port, model, slots, sim_ttft_ms, sim_tokens_per_s, sim_slowdown)
+    serve_sim(
+        host,
+        port,
+        model,
+        slots,
+        sim_ttft_ms,
+        sim_tokens_per_s,
+        sim_slowdown,
+        sim_prefill_tokens_per_s,
+        sim_cache_tokens,
+    )
 
 
 @app.command()

@@ -21,6 +21,15 @@ class SimSettings(CommonSettings):
         ge=0,
         description="Per extra concurrent sequence, each token takes this fraction longer",
     )
+    sim_prefill_tokens_per_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="Simulated prefill speed: prompt tokens not in the simulated prefix cache "
+        "add 1/this seconds each to the time to first token (0: prefill is free)",
+    )
+    sim_cache_tokens: int = Field(
+        default=32768, ge=0, description="Size of the simulated prefix cache, in tokens"
+    )
     sim_fail_prompt: str = Field(
         default="", description="A prompt containing this text makes the simulator fail (tests)"
     )

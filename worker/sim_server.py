@@ -3,7 +3,10 @@
 A test and benchmark tool, not a model: benchmarks put nginx or haproxy in front of several of
 these, and Slipstream's ``openai`` engine can front one. Beyond ``slots`` concurrent sequences
 it queues requests internally, as a real engine does. Text is the same as the in-worker ``sim``
-engine's for the same request, so every benchmark arm sees identical work.
+engine's for the same request, so every benchmark arm sees identical work. Each process models
+its own prefix cache (the engine's), and reports what it reused as
+``usage.prompt_tokens_details.cached_tokens`` (streamed too, with
+``stream_options.include_usage``), as vLLM and the gateway do.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from shared.models import ChatMessage, Job, SamplingParams
+from shared.prompt import render_transcript
 from worker.engine import GenerationRequest
 from worker.engines.sim import SimEngine, SimProfile, count_tokens
 from worker.stops import StopMatcher
@@ -53,6 +57,17 @@ def _job(body: dict[str, Any], chat: bool) -> Job:
     )
 
 
+def _usage(request: GenerationRequest, completion_tokens: int) -> dict[str, Any]:
+    stats = request.stats
+    prompt_tokens = stats.prompt_tokens or count_tokens(render_transcript(request.job))
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": min(stats.cached_tokens, prompt_tokens)},
+    }
+
+
 class SimServer:
     def __init__(self, model: str, slots: int, profile: SimProfile) -> None:
         self.model = model
@@ -60,12 +75,13 @@ class SimServer:
         self.slots = asyncio.Semaphore(slots)
         self.waiting = 0
 
-    async def tokens(self, job: Job) -> AsyncIterator[str]:
+    async def tokens(self, request: GenerationRequest) -> AsyncIterator[str]:
+        job = request.job
         self.waiting += 1
         async with self.slots:
             self.waiting -= 1
             stops = StopMatcher(job.params.stop)
-            stream = self.engine.generate(GenerationRequest(job))
+            stream = self.engine.generate(request)
             try:
                 async for text in stream:
                     out = stops.feed(text)
@@ -82,10 +98,13 @@ class SimServer:
         rid = ("chatcmpl-" if chat else "cmpl-") + job.id
         head = {"id": rid, "created": int(time.time()), "model": job.model}
         if body.get("stream"):
-            return StreamingResponse(self._sse(job, head, chat), media_type="text/event-stream")
-        parts = [t async for t in self.tokens(job)]
-        usage = {"prompt_tokens": count_tokens(job.prompt or ""), "completion_tokens": len(parts)}
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(
+                self._sse(job, head, chat, include_usage), media_type="text/event-stream"
+            )
+        generation = GenerationRequest(job)
+        parts = [t async for t in self.tokens(generation)]
+        usage = _usage(generation, len(parts))
         text = "".join(parts)
         finish = "length" if len(parts) >= job.params.max_tokens else "stop"
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
@@ -96,10 +115,13 @@ class SimServer:
         obj = "chat.completion" if chat else "text_completion"
         return JSONResponse({**head, "object": obj, "choices": [choice], "usage": usage})
 
-    async def _sse(self, job: Job, head: dict[str, Any], chat: bool) -> AsyncIterator[bytes]:
+    async def _sse(
+        self, job: Job, head: dict[str, Any], chat: bool, include_usage: bool
+    ) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         n = 0
-        async for text in self.tokens(job):
+        request = GenerationRequest(job)
+        async for text in self.tokens(request):
             n += 1
             choice: dict[str, Any] = {"index": 0, "finish_reason": None}
             if chat:
@@ -111,6 +133,9 @@ class SimServer:
         last: dict[str, Any] = {"index": 0, "finish_reason": finish}
         last["delta" if chat else "text"] = {} if chat else ""
         yield f"data: {json.dumps({**head, 'object': obj, 'choices': [last]})}\n\n".encode()
+        if include_usage:
+            chunk = {**head, "object": obj, "choices": [], "usage": _usage(request, n)}
+            yield f"data: {json.dumps(chunk)}\n\n".encode()
         yield b"data: [DONE]\n\n"
 
     def app(self) -> Starlette:
@@ -137,7 +162,22 @@ class SimServer:
 
 
 def serve_sim(
-    host: str, port: int, model: str, slots: int, ttft_ms: float, tps: float, slowdown: float
+    host: str,
+    port: int,
+    model: str,
+    slots: int,
+    ttft_ms: float,
+    tps: float,
+    slowdown: float,
+    prefill_tps: float = 0.0,
+    cache_tokens: int = 32768,
 ) -> None:
-    server = SimServer(model, slots, SimProfile(ttft_ms / 1000, tps, slowdown))
+    profile = SimProfile(
+        ttft_ms / 1000,
+        tps,
+        slowdown,
+        prefill_tokens_per_s=prefill_tps,
+        cache_tokens=cache_tokens,
+    )
+    server = SimServer(model, slots, profile)
     uvicorn.run(server.app(), host=host, port=port, log_level="warning", access_log=False)

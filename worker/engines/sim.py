@@ -4,6 +4,12 @@ It behaves like one where dispatch can tell: a time to first token, a decode spe
 as more sequences run at once, and deterministic text — the next token is a function of the
 context so far (prompt + text produced) and the seed — so continuing from a partial output
 reproduces the uninterrupted one exactly, as a real model's greedy decoding does.
+
+It also models a prefix cache, as vLLM's or llama.cpp's: a ``WarmPrefixes`` LRU of the block
+chains (``shared.prefix``) of what it has generated (prompt + answer, so the next turn of a
+conversation, which extends it, finds its prefix warm), bounded to ``cache_tokens``. With a
+prefill rate set, the time to first token grows by the prompt tokens *not* found in the
+cache divided by that rate: a cache hit saves exactly what it would save a real engine.
 """
 
 from __future__ import annotations
@@ -15,9 +21,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from shared.models import Job
-from worker.warm import WarmPrefixes
+from shared.prefix import BLOCK_BYTES, block_hashes
 from worker.engine import EngineError, GenerationRequest, render_transcript
 from worker.settings import SimSettings
+from worker.warm import WarmPrefixes
+
+TOKENS_PER_BLOCK = BLOCK_BYTES // 4
+"""The simulator's tokens in one fingerprint block (four characters a token)."""
 
 VOCABULARY = [
     "the",
@@ -69,6 +79,8 @@ class SimProfile:
     slowdown: float = 0.0
     fail_prompt: str = ""
     crash_prompt: str = ""
+    prefill_tokens_per_s: float = 0.0  # 0: prefill is free (only ``ttft_s`` is charged)
+    cache_tokens: int = 32768  # size of the simulated prefix cache
 
     @classmethod
     def from_settings(cls, s: SimSettings) -> SimProfile:
@@ -78,6 +90,8 @@ class SimProfile:
             s.sim_slowdown,
             s.sim_fail_prompt,
             s.sim_crash_prompt,
+            s.sim_prefill_tokens_per_s,
+            s.sim_cache_tokens,
         )
 
 
@@ -107,6 +121,8 @@ class SimEngine:
     def __init__(self, profile: SimProfile) -> None:
         self.profile = profile
         self.active = 0
+        blocks = profile.cache_tokens // TOKENS_PER_BLOCK
+        self.cache = WarmPrefixes(blocks) if blocks > 0 else None  # None: no cache modelled
 
     async def start(self) -> None:
         return None
@@ -115,7 +131,7 @@ class SimEngine:
         return None
 
     def warm(self) -> WarmPrefixes | None:
-        return None
+        return self.cache
 
     def healthy(self) -> bool:
         return True
@@ -128,6 +144,17 @@ class SimEngine:
 
     async def count_prompt_tokens(self, job: Job) -> int:
         return count_tokens(render_transcript(job))
+
+    def prefill(self, prompt: str, request: GenerationRequest) -> float:
+        """Look ``prompt`` up in the cache; record the reuse in ``request.stats`` and return the
+        seconds its uncached tokens take to prefill."""
+        prompt_tokens = count_tokens(prompt)
+        matched = self.cache.match(block_hashes(prompt)) if self.cache is not None else 0
+        cached = min(prompt_tokens, matched * TOKENS_PER_BLOCK)
+        request.stats.prompt_tokens = prompt_tokens
+        request.stats.cached_tokens = cached
+        rate = self.profile.prefill_tokens_per_s
+        return (prompt_tokens - cached) / rate if rate > 0 else 0.0
 
     def token_delay(self) -> float:
         extra = max(0, self.active - 1) * self.profile.slowdown
@@ -142,13 +169,19 @@ class SimEngine:
         seed = request.job.params.seed or 0
         context = context_hash(seed, prompt + request.produced)
         remaining = request.job.params.max_tokens - request.produced_tokens
+        produced = [request.produced]
         self.active += 1
         try:
-            await asyncio.sleep(self.profile.ttft_s)
+            await asyncio.sleep(self.profile.ttft_s + self.prefill(prompt, request))
             for _ in range(remaining):
                 token = next_token(context)
                 context.update(token.encode())
+                produced.append(token)
                 yield token
                 await asyncio.sleep(self.token_delay())
         finally:
             self.active -= 1
+            if self.cache is not None:
+                # what the sequence leaves in the cache: its prompt and everything it produced
+                # (the next turn's prompt extends it)
+                self.cache.add(block_hashes(prompt + "".join(produced)))
