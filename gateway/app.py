@@ -49,6 +49,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 keys,
                 ttl_s=settings.job_log_ttl_s,
                 fair_share_tokens=settings.fair_share_tokens,
+                affinity=settings.affinity_policy(),
             ),
             mux=mux,
             admission=Admission(redis, keys, settings),

@@ -16,6 +16,7 @@ from starlette.requests import Request
 
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.settings import GatewaySettings
+from shared.affinity import session_key
 from shared.errors import InvalidRequest, PayloadTooLarge
 from shared.models import Job, Priority, SamplingParams
 
@@ -122,6 +123,15 @@ def _deadline_ms(request: Request, body: int | None) -> int | None:
     return value
 
 
+def _session(request: Request, body: ChatCompletionRequest | CompletionRequest) -> str | None:
+    """The conversation a request belongs to: ``X-Session-Id``, else ``prompt_cache_key``,
+    else ``user`` (what OpenAI's own prompt caching keys on); None when there is none."""
+    header = request.headers.get("x-session-id")
+    if header is not None and not (0 < len(header) <= 256):
+        raise InvalidRequest("X-Session-Id must be 1 to 256 characters", param="X-Session-Id")
+    return header or body.prompt_cache_key or body.user
+
+
 def request_id(request: Request) -> str:
     given = request.headers.get("x-request-id")
     if given and REQUEST_ID.match(given):
@@ -186,4 +196,5 @@ def build_job(
         prompt_tokens_estimate=prompt_tokens,
         request_id=request_id(request),
         tenant=tenant,
+        session=session_key(tenant, sid) if (sid := _session(request, body)) else None,
     )

@@ -63,6 +63,7 @@ class _CommonRequest(BaseModel):
     presence_penalty: Neutral = None
     frequency_penalty: Neutral = None
     user: str | None = Field(default=None, max_length=256)
+    prompt_cache_key: str | None = Field(default=None, max_length=256)
     # Slipstream extensions (also accepted as X-Priority / X-Deadline-Ms headers).
     priority: Priority | None = None
     deadline_ms: int | None = Field(default=None, ge=1, le=86_400_000)

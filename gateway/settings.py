@@ -7,6 +7,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import NoDecode
 
+from shared.affinity import AffinityPolicy
 from shared.settings import CommonSettings
 
 
@@ -43,6 +44,24 @@ class GatewaySettings(CommonSettings):
         ge=0,
         description="Tokens one tenant may hold in a priority's shared queue; the rest waits "
         "in its own deferred stream (0 = plain FIFO)",
+    )
+    affinity: bool = Field(
+        default=True,
+        description="Route a job to the worker that holds its prompt prefix warm, or served "
+        "its session's last turn (false: cache-blind pull)",
+    )
+    affinity_wait_ms: int = Field(
+        default=250,
+        ge=0,
+        le=60_000,
+        description="Longest a job waits reserved for its warm worker before any worker may "
+        "take it (never more than a quarter of the time left to its deadline)",
+    )
+    session_ttl_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="How long a session (X-Session-Id, prompt_cache_key or user) remembers "
+        "the worker of its last turn",
     )
     default_max_tokens: int = Field(default=256, gt=0, description="max_tokens when unset")
     max_tokens_cap: int = Field(default=4096, gt=0, description="Largest max_tokens accepted")
@@ -123,3 +142,9 @@ class GatewaySettings(CommonSettings):
         if isinstance(value, str):
             return [m.strip() for m in value.split(",") if m.strip()]
         return value
+
+    def affinity_policy(self) -> AffinityPolicy | None:
+        """The warm-state routing policy jobs are enqueued with (None: affinity off)."""
+        if not self.affinity or self.affinity_wait_ms <= 0:
+            return None
+        return AffinityPolicy(self.affinity_wait_ms, int(self.session_ttl_s * 1000))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from shared import lua
+from shared.affinity import AffinityPolicy
 from shared.keys import CONSUMER_GROUP, Keys
 from shared.models import EventBatch, Job, JobState, Priority
 
@@ -35,7 +37,9 @@ class PullResult:
     claimed: Claimed | None = None
     # 'empty', or 'job' with nothing else waiting: what to block on instead of pulling again
     last_ids: tuple[str, ...] = ()  # of the queues, then the wake stream
-    next_lease_ms: int = -1  # until the next lease expires (-1: none)
+    next_lease_ms: int = -1  # until the next lease or reservation ends (-1: none)
+    outcome: str = ""  # a claimed job: warm | cold | stolen | takeover
+    affinity_wait_ms: int = 0  # how long it waited reserved for a warm worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,11 +61,20 @@ class LogEntry:
 class JobStore:
     """Atomic job transitions (enqueue, pull, emit, cancel, renew) and event-log reads."""
 
-    def __init__(self, redis: Redis, keys: Keys, *, ttl_s: int, fair_share_tokens: int = 0) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        ttl_s: int,
+        fair_share_tokens: int = 0,
+        affinity: AffinityPolicy | None = None,
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.ttl_ms = ttl_s * 1000
         self.fair_share_tokens = fair_share_tokens
+        self.affinity = affinity
         self._enqueue = redis.register_script(lua.ENQUEUE)
         self._pull = redis.register_script(lua.PULL)
         self._emit = redis.register_script(lua.EMIT)
@@ -69,6 +82,7 @@ class JobStore:
         self._renew = redis.register_script(lua.RENEW)
         self._handback = redis.register_script(lua.HANDBACK)
         self._sweep = redis.register_script(lua.SWEEP)
+        self._release = redis.register_script(lua.RELEASE)
 
     # --- gateway side -------------------------------------------------------------------
     async def enqueue(self, job: Job) -> str:
@@ -90,6 +104,7 @@ class JobStore:
             k.tenant_part(job.tenant),
             self.fair_share_tokens,
             k.model_prefix(job.model),
+            self.affinity.enqueue_arg(job) if self.affinity else "{}",
         ]
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(k.job_index(job.id), job.model, px=self.ttl_ms)
@@ -164,37 +179,49 @@ class JobStore:
         consumer: str,
         *,
         free_tokens: int,
+        free_seqs: int = 1,
         idle: bool,
         lease_ms: int,
         aging_ms: dict[Priority, int],
         max_deliveries: int,
+        worker_ttl_ms: int = 5000,
     ) -> PullResult:
         k = self.keys
-        args: list[Any] = [
-            CONSUMER_GROUP,
-            consumer,
-            now_ms(),
-            free_tokens,
-            1 if idle else 0,
-            k.model_prefix(model),
-            lease_ms,
-            self.ttl_ms,
-            max_deliveries,
-        ]
-        args += [aging_ms.get(p, 0) for p in Priority.ordered()]
-        reply = await self._pull(keys=[*k.queues(model), k.wake(model)], args=args)
+        options = {
+            "group": CONSUMER_GROUP,
+            "consumer": consumer,
+            "free": free_tokens,
+            "seqs": free_seqs,
+            "idle": idle,
+            "prefix": k.model_prefix(model),
+            "lease": lease_ms,
+            "ttl": self.ttl_ms,
+            "max_deliveries": max_deliveries,
+            "aging": [aging_ms.get(p, 0) for p in Priority.ordered()],
+            "worker_ttl": worker_ttl_ms,
+        }
+        reply = await self._pull(keys=[*k.queues(model), k.wake(model)], args=[json.dumps(options)])
         kind = reply[0]
         if kind == "empty":
             last = tuple(str(x) for x in reply[2:])
             return PullResult("empty", last_ids=last, next_lease_ms=int(reply[1]))
         if kind != "job":
             return PullResult(kind)
-        _, _job_id, payload, fence, seq, ntok, *marks = reply
+        _, _job_id, payload, fence, seq, ntok, outcome, waited, *marks = reply
         claimed = Claimed(Job.model_validate_json(payload), int(fence), int(seq), int(ntok))
-        if not marks:  # more is waiting
-            return PullResult("job", claimed=claimed)
-        last = tuple(str(x) for x in marks[1:])
-        return PullResult("job", claimed=claimed, last_ids=last, next_lease_ms=int(marks[0]))
+        last = tuple(str(x) for x in marks[1:])  # empty: more is waiting
+        return PullResult(
+            "job",
+            claimed=claimed,
+            last_ids=last,
+            next_lease_ms=int(marks[0]) if marks else -1,
+            outcome=str(outcome),
+            affinity_wait_ms=int(waited),
+        )
+
+    async def release(self, model: str, worker: str) -> int:
+        """A worker leaves: its reservations end now, and it stops being a routing target."""
+        return int(await self._release(keys=[], args=[self.keys.model_prefix(model), worker]))
 
     async def emit(
         self,
@@ -258,14 +285,14 @@ class JobStore:
         pairs: list[Any] = [x for i in ids for x in (i, leases[i])]
         reply = await self._renew(
             keys=[self.keys.leases(model), *[self.keys.job(model, i) for i in ids]],
-            args=[now_ms() + lease_ms, *pairs],
+            args=[lease_ms, *pairs],
         )
         return {i: bool(r) for i, r in zip(ids, reply, strict=True)}
 
     async def sweep_expired_leases(self, model: str) -> list[str]:
         """Tidy expired leases no worker took over (janitor): stale ones, past deadlines."""
         reply = await self._sweep(
-            keys=[], args=[self.keys.model_prefix(model), now_ms(), CONSUMER_GROUP, self.ttl_ms]
+            keys=[], args=[self.keys.model_prefix(model), 0, CONSUMER_GROUP, self.ttl_ms]
         )
         return [str(x) for x in reply]
 

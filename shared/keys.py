@@ -78,6 +78,32 @@ class Keys:
         """Pub/sub channel workers of a model listen on (cancellations)."""
         return f"{self.prefix}:{{{model}}}:control"
 
+    # --- warm state (affinity): per worker of a model, expiring with the worker -------------
+    def worker_state(self, model: str, worker: str) -> str:
+        """Hash: a live worker's ``free`` tokens and ``seqs`` (free sequence slots) as of its
+        last pull or heartbeat, and ``rtok``/``rjobs`` reserved for it; expires with it."""
+        return f"{self.prefix}:{{{model}}}:worker:{worker}"
+
+    def warm(self, model: str, worker: str) -> str:
+        """Set: the prefix block hashes (``shared.prefix``) a worker's engine holds warm."""
+        return f"{self.prefix}:{{{model}}}:warm:{worker}"
+
+    def members(self, model: str) -> str:
+        """Set: ids of the model's workers that may hold warm state (pruned when dead)."""
+        return f"{self.prefix}:{{{model}}}:members"
+
+    def inbox(self, model: str, worker: str) -> str:
+        """Sorted set: queued jobs reserved for a warm worker, scored by the end of the wait."""
+        return f"{self.prefix}:{{{model}}}:inbox:{worker}"
+
+    def reserved(self, model: str) -> str:
+        """Sorted set: every reserved job, scored by the end of its wait (then anyone steals)."""
+        return f"{self.prefix}:{{{model}}}:reserved"
+
+    def session(self, model: str, session: str) -> str:
+        """String: the worker that served a session's last turn (``session`` is hashed)."""
+        return f"{self.prefix}:{{{model}}}:session:{session}"
+
     def throughput(self, model: str) -> str:
         """Hash: worker id -> recent tokens/s for the model (admission reads it)."""
         return f"{self.prefix}:{{{model}}}:throughput"

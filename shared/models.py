@@ -73,6 +73,7 @@ class Job(BaseModel):
     request_id: str
     tenant: str = "anonymous"
     include_usage: bool = False
+    session: str | None = None  # hashed session key (affinity across the turns of a chat)
 
     @property
     def cost_tokens(self) -> int:

@@ -24,7 +24,9 @@ MAX_BLOCKS = 128
 """Longest fingerprint kept (32 KiB of prompt): what a job stores, bounded."""
 
 
-def block_hashes(text: str, *, limit: int = MAX_BLOCKS, block_bytes: int = BLOCK_BYTES) -> list[str]:
+def block_hashes(
+    text: str, *, limit: int = MAX_BLOCKS, block_bytes: int = BLOCK_BYTES
+) -> list[str]:
     """The chain of 64-bit hashes (hex) of ``text``'s whole leading blocks, at most ``limit``."""
     data = text.encode("utf-8", errors="surrogatepass")
     end = min(len(data) // block_bytes, limit) * block_bytes

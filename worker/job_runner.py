@@ -51,6 +51,8 @@ class Throughput:
 class JobOutcome:
     state: str
     tokens: int
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
 
 
 async def produced_so_far(store: JobStore, claimed: Claimed) -> str:
@@ -123,7 +125,7 @@ async def run_job(
             prompt_tokens=prompt_tokens,
             cached_tokens=usage.cached_tokens,
         )
-        return JobOutcome("completed", tokens)
+        return JobOutcome("completed", tokens, prompt_tokens, usage.cached_tokens)
     except LeaseLost:
         bound.info("job_fenced", tokens=tokens)
         return JobOutcome("fenced", tokens)

@@ -14,7 +14,7 @@ from contextlib import suppress
 from typing import TYPE_CHECKING
 
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import generate_latest as render
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
@@ -48,6 +48,32 @@ class WorkerMetrics:
             "slipstream_worker_jobs",
             "Jobs this worker ended, by outcome (completed, failed, fenced, cancelled, crashed)",
             ["model", "outcome"],
+            registry=registry,
+        )
+        self.claims = Counter(
+            "slipstream_worker_claims",
+            "Jobs this worker took, by how: warm (it held the prefix or session), cold, "
+            "stolen (reserved for a warm worker whose wait ended), takeover (expired lease)",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.affinity_wait = Histogram(
+            "slipstream_worker_affinity_wait_seconds",
+            "How long a job this worker took had waited reserved for a warm worker",
+            ["model"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "slipstream_worker_prompt_tokens",
+            "Prompt tokens of the jobs this worker completed",
+            ["model"],
+            registry=registry,
+        )
+        self.cached_tokens = Counter(
+            "slipstream_worker_prompt_cached_tokens",
+            "Prompt tokens the engine reused from its cache (hit ratio: this / prompt tokens)",
+            ["model"],
             registry=registry,
         )
         gauges = {
@@ -86,8 +112,16 @@ class WorkerMetrics:
         )
         return metrics
 
-    def job_ended(self, outcome: str) -> None:
+    def job_ended(self, outcome: str, prompt_tokens: int = 0, cached_tokens: int = 0) -> None:
         self.jobs.labels(self.model, outcome).inc()
+        if prompt_tokens:
+            self.prompt_tokens.labels(self.model).inc(prompt_tokens)
+            self.cached_tokens.labels(self.model).inc(cached_tokens)
+
+    def job_claimed(self, outcome: str, affinity_wait_ms: int) -> None:
+        self.claims.labels(self.model, outcome).inc()
+        if outcome in ("warm", "stolen") and affinity_wait_ms > 0:
+            self.affinity_wait.labels(self.model).observe(affinity_wait_ms / 1000)
 
     # --- the /metrics server ------------------------------------------------------------
     async def start_server(self, port: int | None, host: str = "0.0.0.0") -> None:

@@ -16,6 +16,7 @@ from shared.aio import cancel_and_wait
 from shared.jobs import Claimed, JobStore, now_ms
 from shared.keys import Keys
 from shared.models import Priority, WorkerInfo
+from worker.advertiser import Advertiser
 from worker.capacity import Capacity
 from worker.emit_batcher import EmitBatcher
 from worker.engine import Engine
@@ -44,6 +45,9 @@ class Worker:
         self.running: dict[str, tuple[asyncio.Task[object], Claimed]] = {}
         self.stopping = asyncio.Event()
         self.registry = Registry(redis, self.keys, self._info())
+        self.advertiser = Advertiser(
+            redis, self.keys, settings.model, self.id, int(settings.worker_ttl_s * 1000)
+        )
         self.metrics = WorkerMetrics.for_worker(self)
         self.aging_ms = {
             Priority.NORMAL: int(settings.aging_normal_s * 1000),
@@ -75,6 +79,7 @@ class Worker:
         helpers = [
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._control_loop(), name="control"),
+            asyncio.create_task(self.advertiser.run(self.engine.warm()), name="advertiser"),
         ]
         try:
             await self.metrics.start_server(self.settings.metrics_port, self.settings.metrics_host)
@@ -82,6 +87,8 @@ class Worker:
             await self._drain()
         finally:
             await cancel_and_wait(helpers)
+            with suppress(RedisError, OSError):
+                await self.store.release(self.settings.model, self.id)
             with suppress(RedisError, OSError):
                 await self.registry.leave()
             await self.emits.close()
@@ -100,6 +107,8 @@ class Worker:
         log.info("worker_draining", in_flight=len(tasks), grace_s=self.settings.drain_grace_s)
         with suppress(RedisError, OSError):
             await self.heartbeat_once(draining=True)
+        with suppress(RedisError, OSError):  # what waits for us warm goes to others now
+            await self.store.release(self.settings.model, self.id)
         _, late = await asyncio.wait(tasks, timeout=self.settings.drain_grace_s)
         left = [claimed for task, claimed in list(self.running.values()) if task in late]
         for task in late:
@@ -129,12 +138,15 @@ class Worker:
             self.settings.model,
             self.id,
             free_tokens=cap.free_tokens,
+            free_seqs=cap.seqs - cap.seqs_in_use,
             idle=cap.idle,
             lease_ms=int(self.settings.lease_s * 1000),
             aging_ms=self.aging_ms,
             max_deliveries=self.settings.max_deliveries,
+            worker_ttl_ms=int(self.settings.worker_ttl_s * 1000),
         )
         if result.kind == "job" and result.claimed is not None:
+            self.metrics.job_claimed(result.outcome, result.affinity_wait_ms)
             began = self._start(result.claimed)
             if not result.last_ids:
                 await asyncio.sleep(0)  # more is waiting: pull again once the job has begun
@@ -178,7 +190,7 @@ class Worker:
         return began
 
     async def _run(self, claimed: Claimed, began: asyncio.Event) -> object:
-        outcome = "crashed"
+        outcome, prompt_tokens, cached_tokens = "crashed", 0, 0
         try:
             result = await run_job(
                 store=self.store,
@@ -191,6 +203,7 @@ class Worker:
                 sink=self.emits,
             )
             outcome = result.state
+            prompt_tokens, cached_tokens = result.prompt_tokens, result.cached_tokens
             return result
         except asyncio.CancelledError:
             outcome = "cancelled"
@@ -200,9 +213,10 @@ class Worker:
             log.exception("job_crashed", job_id=claimed.job.id)
             return None
         finally:
-            self.metrics.job_ended(outcome)
+            self.metrics.job_ended(outcome, prompt_tokens, cached_tokens)
             self.running.pop(claimed.job.id, None)
             self.capacity.release(claimed.job.cost_tokens)
+            self.advertiser.changed.set()  # the engine may hold this job's prefix now
 
     # --- heartbeat and control ----------------------------------------------------------
     async def heartbeat_once(self, **changes: object) -> None:
@@ -221,6 +235,10 @@ class Worker:
             "draining": self.stopping.is_set(),
         }
         await self.registry.beat(**{**fields, **changes})
+        if not self.stopping.is_set():
+            cap = self.capacity
+            free_seqs = cap.seqs - cap.seqs_in_use
+            await self.advertiser.beat(cap.free_tokens, free_seqs, self.engine.warm())
 
     async def _heartbeat_loop(self) -> None:
         while True:

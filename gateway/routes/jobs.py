@@ -88,6 +88,13 @@ async def get_job(request: Request, job_id: str) -> dict[str, Any]:
                 result["finish_reason"] = event.finish_reason
             elif isinstance(event, ErrorEvent):
                 result["error"] = {"code": event.code, "message": event.message}
+    if fields.get("aff"):
+        result["affinity"] = {
+            "outcome": fields["aff"],
+            "wait_ms": int(fields.get("aff_wait", 0)),
+            "target": fields.get("aff_target") or None,
+            "worker": fields.get("owner"),
+        }
     if fields.get("state") == "queued":
         place = await state.admission.position(job)
         if place is not None:

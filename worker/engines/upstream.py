@@ -25,9 +25,9 @@ from typing import Any, cast
 import httpx
 
 from shared.models import Job
-from worker.warm import WarmPrefixes
 from worker.engine import TRANSCRIPT_STOPS, EngineError, GenerationRequest, render_transcript
 from worker.settings import WorkerSettings
+from worker.warm import WarmPrefixes
 
 KV_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 WAITING_METRIC = "vllm:num_requests_waiting"
