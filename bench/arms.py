@@ -2,6 +2,7 @@
 
 - ``direct``: the client talks to one ``slipstream sim-server``.
 - ``nginx-rr`` / ``nginx-lc``: nginx round-robin / least_conn over one sim-server per backend.
+- ``nginx-hash``: nginx ``hash $http_x_session_id consistent`` (sticky sessions).
 - ``haproxy``: leastconn with ``maxconn`` = the backend's slots and a queue timeout.
 - ``slipstream``: Redis, one gateway process, one pulling worker per backend (same simulator).
 
@@ -24,12 +25,16 @@ from bench.process import PYTHON, Proc, ProcessGroup, free_port, terminate, wait
 from bench.result import Result
 from bench.sse import http_json
 
-ARMS = ("direct", "nginx-rr", "nginx-lc", "haproxy", "slipstream")
+ARMS = ("direct", "nginx-rr", "nginx-lc", "nginx-hash", "haproxy", "slipstream")
 BALANCERS = ("nginx-rr", "nginx-lc", "haproxy", "slipstream")
 LABELS = {
     "direct": "direct (no balancer)",
     "nginx-rr": "nginx round-robin",
     "nginx-lc": "nginx least_conn",
+    "nginx-hash": "nginx sticky (consistent hash of X-Session-Id)",
+    "slipstream-blind": "Slipstream cache-blind",
+    "slipstream-warm": "Slipstream warm-aware",
+    "oracle-warm": "oracle (knows every cache)",
     "haproxy": "haproxy leastconn+maxconn",
     "slipstream": "Slipstream",
     "oracle": "oracle (ideal queue)",
@@ -93,8 +98,7 @@ class Arm:
         port = free_port()
         args = [PYTHON, "-m", "slipstream", "sim-server", "--host", "127.0.0.1"]
         args += ["--port", str(port), "--model", MODEL, "--slots", str(b.slots)]
-        args += ["--sim-ttft-ms", str(b.ttft_ms), "--sim-tokens-per-s", str(b.tokens_per_s)]
-        args += ["--sim-slowdown", "0"]
+        args += b.sim_flags()
         proc = self.group.start(b.name, "backends", args, cpus=self.cpus)
         self.backends[b.name] = (b, port, proc)
         return proc
@@ -144,16 +148,17 @@ class NginxArm(Arm):
         cpus: frozenset[int] | None = None,
         *,
         least_conn: bool = False,
+        method: str = "",
     ):
-        self.name = "nginx-lc" if least_conn else "nginx-rr"
-        self.least_conn = least_conn
+        self.method = method or ("lc" if least_conn else "rr")  # rr, lc or hash
+        self.name = f"nginx-{self.method}"
         super().__init__(fleet, workdir, cpus)
         self.proc: Proc | None = None
 
     def _write_conf(self) -> Path:
         ports = [p for _, p, _ in self.backends.values()]
         conf = self.workdir / "nginx.conf"
-        conf.write_text(nginx_conf(self.workdir, self.port, ports, least_conn=self.least_conn))
+        conf.write_text(nginx_conf(self.workdir, self.port, ports, method=self.method))
         return conf
 
     async def start(self) -> None:
@@ -327,8 +332,7 @@ class SlipstreamArm(Arm):
     def _launch_worker(self, b: Backend) -> Proc:
         args = [PYTHON, "-m", "slipstream", "worker", "--model", MODEL, "--engine", "sim"]
         args += ["--max-seqs", str(b.slots), "--capacity-tokens", "10000000"]
-        args += ["--sim-ttft-ms", str(b.ttft_ms), "--sim-tokens-per-s", str(b.tokens_per_s)]
-        args += ["--sim-slowdown", "0", "--worker-id", b.name]
+        args += [*b.sim_flags(), "--worker-id", b.name]
         proc = self.group.start(b.name, "workers", args, cpus=self.cpus, env=self.worker_env)
         self.backends[b.name] = (b, 0, proc)
         return proc
@@ -382,8 +386,8 @@ def make_arm(name: str, fleet: list[Backend], workdir: Path, **options: Any) -> 
     cpus = options.pop("cpus", None)
     if name == "direct":
         return Arm(fleet, workdir, cpus)
-    if name in ("nginx-rr", "nginx-lc"):
-        return NginxArm(fleet, workdir, cpus, least_conn=name == "nginx-lc")
+    if name in ("nginx-rr", "nginx-lc", "nginx-hash"):
+        return NginxArm(fleet, workdir, cpus, method=name.removeprefix("nginx-"))
     if name == "haproxy":
         return HaproxyArm(
             fleet, workdir, cpus, queue_timeout_s=options.get("queue_timeout_s", 10.0)

@@ -10,11 +10,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+METHODS = {
+    "rr": "",
+    "lc": "    least_conn;\n",
+    "hash": "    hash $http_x_session_id consistent;\n",  # sticky: a session's turns, one backend
+}
 
-def nginx_conf(workdir: Path, port: int, backends: list[int], *, least_conn: bool) -> str:
+
+def nginx_conf(workdir: Path, port: int, backends: list[int], *, method: str = "rr") -> str:
+    """``method``: rr (round-robin), lc (least_conn) or hash (consistent hash of the
+    ``X-Session-Id`` header)."""
     servers = "\n".join(f"    server 127.0.0.1:{p};" for p in backends)
     user = "user root;\n" if os.geteuid() == 0 else ""
-    method = "    least_conn;\n" if least_conn else ""
+    method = METHODS[method]
     temp = "\n".join(
         f"  {kind}_temp_path {workdir}/{kind}_temp;"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")

@@ -12,7 +12,7 @@ from typing import Any
 
 from bench.machine import describe
 
-EXPERIMENTS = ("overhead", "balance", "streams", "fleet")
+EXPERIMENTS = ("overhead", "balance", "streams", "fleet", "warm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +50,22 @@ class Plan:
     churn_arms: tuple[str, ...] = ("slipstream", "nginx-lc", "haproxy")
     churn_duration_s: float = 21.0
     churn_load: float = 0.9
+    # 5. warm state (multi-turn chat, prefix caches)
+    warm_arms: tuple[str, ...] = (
+        "slipstream-blind",
+        "slipstream-warm",
+        "nginx-rr",
+        "haproxy",
+        "nginx-hash",
+    )
+    warm_load: float = 0.85  # of the fleet's capacity with every prompt token prefilled
+    warm_duration_s: float = 45.0  # conversation arrivals; the last ones run on after it
+    warm_cache_tokens: int = 32768  # each simulated engine's prefix cache
+    warm_system_tokens: int = 1000
+    warm_answer_tokens: tuple[int, int] = (20, 180)
+    warm_think_mean_s: float = 2.0
+    warm_ttft_goal_ms: float = 1000.0  # goodput: turns served with a first token within this
+    warm_affinity_wait_ms: int = 250  # SLIPSTREAM_AFFINITY_WAIT_MS of the warm-aware arm
 
     def describe(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -77,6 +93,12 @@ PLANS = {
         churn_arms=("slipstream",),
         churn_duration_s=4.5,
         churn_load=0.3,
+        warm_arms=("slipstream-warm",),
+        warm_load=0.3,
+        warm_duration_s=2.0,
+        warm_system_tokens=300,
+        warm_answer_tokens=(4, 12),
+        warm_think_mean_s=0.2,
     ),
     "quick": Plan(mode="quick"),
     "full": Plan(
@@ -93,6 +115,7 @@ PLANS = {
         stream_hold_s=20.0,
         churn_arms=("slipstream", "nginx-rr", "nginx-lc", "haproxy"),
         churn_duration_s=60.0,
+        warm_duration_s=150.0,
     ),
 }
 
@@ -113,6 +136,7 @@ async def run_plan(
     """Run the chosen experiments; a failing experiment is recorded, the others still run."""
     from bench.balance import run_balance
     from bench.churn import run_churn
+    from bench.multiturn import run_warm
     from bench.overhead import run_overhead
     from bench.streams import run_streams
 
@@ -121,6 +145,7 @@ async def run_plan(
         "balance": run_balance,
         "streams": run_streams,
         "fleet": run_churn,
+        "warm": run_warm,
     }
     work = workdir or Path(tempfile.mkdtemp(prefix="slip-bench-"))
     out: dict[str, Any] = {"plan": plan.describe(), "machine": describe(), "seconds": {}}
