@@ -62,7 +62,7 @@ class Plan:
     warm_duration_s: float = 45.0  # conversation arrivals; the last ones run on after it
     warm_cache_tokens: int = 32768  # each simulated engine's prefix cache
     warm_system_tokens: int = 1000
-    warm_answer_tokens: tuple[int, int] = (20, 180)
+    warm_answer_tokens: tuple[int, int] = (20, 170)
     warm_think_mean_s: float = 2.0
     warm_ttft_goal_ms: float = 1000.0  # goodput: turns served with a first token within this
     warm_affinity_wait_ms: int = 250  # SLIPSTREAM_AFFINITY_WAIT_MS of the warm-aware arm

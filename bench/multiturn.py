@@ -53,7 +53,7 @@ class MultiTurnSpec:
     min_turns: int = 3
     max_turns: int = 10
     user_tokens: tuple[int, int] = (20, 120)  # a new user message, uniform
-    answer_tokens: tuple[int, int] = (20, 180)  # max_tokens of a turn, uniform
+    answer_tokens: tuple[int, int] = (20, 170)  # max_tokens of a turn, uniform
     think_mean_s: float = 2.0  # exponential pause between a turn's end and the next one
 
 

@@ -19,6 +19,10 @@ COLORS = {
     "nginx-lc": "#f28e2b",
     "haproxy": "#4e79a7",
     "slipstream": "#59a14f",
+    "nginx-hash": "#b07aa1",
+    "slipstream-blind": "#9c755f",
+    "slipstream-warm": "#59a14f",
+    "oracle-warm": "#444444",
 }
 
 
@@ -162,6 +166,60 @@ def fleet_png(results: dict[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
+def warm_png(results: dict[str, Any], path: Path) -> None:
+    section = results.get("warm")
+    if not section or not section.get("arms"):
+        return
+    arms = {n: a for n, a in section["arms"].items() if "failed" not in a}
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name, arm in arms.items():
+        values = arm.get("ttft_samples", {}).get("later") or []
+        if values:
+            ys = [(i + 1) / len(values) for i in range(len(values))]
+            style = "--" if name.startswith("oracle") else "-"
+            a.step(
+                values,
+                ys,
+                style,
+                where="post",
+                label=LABELS.get(name, name),
+                color=COLORS.get(name),
+            )
+    a.set_xscale("log")
+    a.set_xlabel("time to first token, later turns (ms, log)")
+    a.set_ylabel("fraction of later turns served")
+    a.set_title(f"Later-turn TTFT at load {section['load']}")
+    a.grid(alpha=0.3)
+    a.legend(fontsize=7)
+    names = list(arms)
+    labels = [LABELS.get(n, n).replace(" (", "\n(") for n in names]
+    xs = range(len(names))
+    b.bar(
+        xs,
+        [arms[n].get("hit_ratio_pct") or 0 for n in names],
+        color=[COLORS.get(n, "#888888") for n in names],
+    )
+    b.set_xticks(xs, labels, fontsize=7, rotation=30, ha="right")
+    b.set_ylabel("% of prompt tokens reused (cached_tokens / prompt_tokens)")
+    b.set_title("Prefix-cache hit ratio")
+    b.grid(alpha=0.3, axis="y")
+    workers = sorted({w for n in names for w in arms[n].get("per_worker", {})})
+    bottom = [0.0] * len(names)
+    for w in workers:
+        share = []
+        for n in names:
+            per = arms[n].get("per_worker", {})
+            total = sum(v["requests"] for v in per.values()) or 1
+            share.append(100 * per.get(w, {}).get("requests", 0) / total)
+        c.bar(xs, share, bottom=bottom, label=w)
+        bottom = [x + y for x, y in zip(bottom, share, strict=True)]
+    c.set_xticks(xs, labels, fontsize=7, rotation=30, ha="right")
+    c.set_ylabel("% of turns")
+    c.set_title("Turns per worker")
+    c.legend(fontsize=7)
+    _save(fig, path)
+
+
 def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
     made = []
     for name, draw in (
@@ -170,6 +228,7 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
         ("bench_ttft_cdf.png", cdf_png),
         ("bench_streams.png", streams_png),
         ("bench_fleet.png", fleet_png),
+        ("bench_warm.png", warm_png),
     ):
         draw(results, out / name)
         if (out / name).exists():

@@ -143,3 +143,80 @@ def headline(results: dict[str, Any]) -> list[Row]:
     return (
         overhead_rows(results) + balance_rows(results) + streams_rows(results) + fleet_rows(results)
     )
+
+
+def warm_rows(results: dict[str, Any]) -> list[Row]:
+    """Issue 11's targets at the warm experiment's load (warm-aware vs the other arms)."""
+    section = results.get("warm") or {}
+    arms = section.get("arms") or {}
+    load = section.get("load")
+
+    def at(name: str, field: str) -> float | None:
+        value = _get(arms, name, field)
+        return value if isinstance(value, int | float) else None
+
+    rows: list[Row] = []
+    warm_p50, blind_p50 = (
+        at("slipstream-warm", "ttft_later_p50_ms"),
+        at("slipstream-blind", "ttft_later_p50_ms"),
+    )
+    if warm_p50 is not None and blind_p50 is not None:
+        rows.append(
+            (
+                f"Later-turn TTFT p50 at load {load} vs Slipstream cache-blind",
+                "≥ 3x lower",
+                f"{warm_p50:.0f} vs {blind_p50:.0f} ms ({blind_p50 / warm_p50:.1f}x lower)",
+                _verdict(warm_p50 * 3 <= blind_p50),
+            )
+        )
+    hit, sticky_hit = at("slipstream-warm", "hit_ratio_pct"), at("nginx-hash", "hit_ratio_pct")
+    if hit is not None and sticky_hit:
+        rows.append(
+            (
+                "Hit ratio vs sticky hashing",
+                "≥ 90%",
+                f"{hit:.1f}% vs {sticky_hit:.1f}% ({100 * hit / sticky_hit:.0f}%)",
+                _verdict(hit >= 0.9 * sticky_hit),
+            )
+        )
+    p99, sticky_p99 = at("slipstream-warm", "ttft_p99_ms"), at("nginx-hash", "ttft_p99_ms")
+    if p99 is not None and sticky_p99:
+        rows.append(
+            (
+                "TTFT p99 (all turns) vs sticky hashing",
+                "≤ 0.5x",
+                f"{p99:.0f} vs {sticky_p99:.0f} ms ({p99 / sticky_p99:.2f}x)",
+                _verdict(p99 <= 0.5 * sticky_p99),
+            )
+        )
+    blind_p99 = at("slipstream-blind", "ttft_p99_ms")
+    if p99 is not None and blind_p99:
+        rows.append(
+            (
+                "TTFT p99 (all turns) vs Slipstream cache-blind",
+                "≤ 1x",
+                f"{p99:.0f} vs {blind_p99:.0f} ms ({p99 / blind_p99:.2f}x)",
+                _verdict(p99 <= blind_p99),
+            )
+        )
+    aff = _get(arms, "slipstream-warm", "affinity") or {}
+    if aff.get("reported"):
+        rows.append(
+            (
+                "Longest affinity wait (job API, every job)",
+                f"≤ {aff['configured_wait_ms']} ms",
+                f"{aff['wait_max_ms']:.0f} ms max, p99 {aff['wait_p99_ms']:.0f} ms; "
+                f"{aff['over_wait']} of {aff['jobs']} jobs over",
+                _verdict(aff["over_wait"] == 0),
+            )
+        )
+    elif "slipstream-warm" in arms:
+        rows.append(
+            (
+                "Longest affinity wait (job API, every job)",
+                f"≤ {section.get('affinity_wait_ms')} ms",
+                "not reported by the job API",
+                "-",
+            )
+        )
+    return rows

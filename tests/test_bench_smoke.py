@@ -35,6 +35,24 @@ def test_trace_is_seeded_and_oracle_serves_everything() -> None:
     assert all(r.outcome == OK and r.ttft_ms is not None for r in results)
 
 
+def test_multiturn_trace_is_seeded_and_grows_each_turn() -> None:
+    from bench.fleet import warm_fleet
+    from bench.multiturn import make_workload, simulate_oracle, turn_shapes
+
+    fleet = warm_fleet()
+    work = make_workload(fleet, 0.85, 10.0, seed=3)
+    assert work.conversations == make_workload(fleet, 0.85, 10.0, seed=3).conversations
+    for conv in work.conversations:
+        assert 3 <= len(conv.users) <= 10
+        prompts = [p for p, _ in turn_shapes([conv])]
+        assert 900 <= prompts[0] <= 1300  # ~1,000-token system prompt + the first message
+        assert all(50 <= b - a <= 400 for a, b in zip(prompts, prompts[1:], strict=False))
+    results = simulate_oracle(work.conversations, fleet)
+    assert len(results) == sum(len(c.users) for c in work.conversations)
+    later = [r for r in results if r.turn > 0]
+    assert sum(r.cached_tokens for r in later) > 0.8 * sum(r.prompt_tokens for r in later)
+
+
 def test_sse_parser_counts_tokens_across_chunk_boundaries() -> None:
     token = b'id: 1\ndata: {"choices":[{"text":" a","finish_reason":null}]}\n\n'
     end = b'data: {"choices":[{"text":"","finish_reason":"length"}]}\n\ndata: [DONE]\n\n'
@@ -59,7 +77,7 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "smoke-latest.json").read_text())
-    assert {"plan", "machine", "overhead", "balance", "streams", "fleet"} <= set(results)
+    assert {"plan", "machine", "overhead", "balance", "streams", "fleet", "warm"} <= set(results)
 
     ttft = results["overhead"]["ttft"]["arms"]
     assert set(ttft) == {"direct", "slipstream"}
@@ -85,7 +103,15 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
     assert fleet["summary"]["served"] > 0 and len(fleet["actions"]) == 2
     assert [e["event"] for e in fleet["events"]] == ["join", "leave"]
 
+    warm = results["warm"]["arms"]
+    assert set(warm) == {"oracle-warm", "slipstream-warm"}
+    for arm in warm.values():
+        assert arm["served"] == arm["planned_turns"] > 0
+        assert arm["hit_ratio_pct"] > 0 and arm["answers_mismatched"] == 0
+        assert arm["ttft_later_p50_ms"] is not None
+
     doc = (tmp_path / "benchmarks.md").read_text()
     assert "bench:begin" in doc and "## 2. Balancing quality" in doc
-    for png in ("bench_overhead.png", "bench_balance.png", "bench_fleet.png"):
+    assert "bench-warm:begin" in doc and "## 5. Warm state" in doc
+    for png in ("bench_overhead.png", "bench_balance.png", "bench_fleet.png", "bench_warm.png"):
         assert (tmp_path / png).stat().st_size > 1000
