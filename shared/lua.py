@@ -303,7 +303,7 @@ local function reserve(q, head, id, w, cost)
   local dl = tonumber(f[2] or '0')
   if dl > 0 then until_ms = math.min(until_ms, now + math.floor(math.max(0, dl - now) / 4)) end
   redis.call('XREADGROUP', 'GROUP', group, w, 'COUNT', 1, 'STREAMS', q, '>')
-  redis.call('HSET', job, 'rsv', w, 'rsv_at', now, 'aff_target', w)
+  redis.call('HSET', job, 'rsv', w, 'rsv_at', now, 'rsv_until', until_ms, 'aff_target', w)
   redis.call('ZADD', mp .. 'inbox:' .. w, until_ms, id)
   redis.call('ZADD', mp .. 'reserved', until_ms, id)
   redis.call('HINCRBY', mp .. 'worker:' .. w, 'rtok', cost)
@@ -363,7 +363,7 @@ if not idle and best[7] > free then return {'full'} end
 
 local kind, q, entry, id = best[1], best[2], best[3], best[4]
 local job = mp .. 'job:' .. id
-local outcome, waited = 'cold', 0
+local outcome, waited, picked = 'cold', 0, 0
 if kind == 'queue' then
   redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', q, '>')
   if best[8] > 0 then outcome = 'warm' end
@@ -372,7 +372,9 @@ if kind == 'queue' then
   if sid and sid ~= '' and redis.call('GET', mp .. 'session:' .. sid) == consumer then outcome = 'warm' end
 else
   redis.call('XCLAIM', q, group, consumer, 0, entry, 'JUSTID')
-  waited = now - tonumber(redis.call('HGET', job, 'rsv_at'))
+  local r = redis.call('HMGET', job, 'rsv_at', 'rsv_until')
+  -- held for the warm worker (the script ends that at the wait), then until a worker pulled
+  waited, picked = math.min(now, tonumber(r[2])) - tonumber(r[1]), now - tonumber(r[1])
   outcome = kind == 'mine' and 'warm' or 'stolen'
 end
 unqueue(mp, job)
@@ -384,7 +386,7 @@ local sf = redis.call('HMGET', job, 'session', 'sttl')
 if sf[1] and sf[1] ~= '' then
   redis.call('SET', mp .. 'session:' .. sf[1], consumer, 'PX', math.max(1000, tonumber(sf[2] or '0')))
 end
-redis.call('HSET', job, 'aff', outcome, 'aff_wait', waited)
+redis.call('HSET', job, 'aff', outcome, 'aff_wait', waited, 'aff_picked', picked)
 if outcome == 'warm' and kind == 'queue' then redis.call('HSET', job, 'aff_target', consumer) end
 redis.call('HINCRBY', me, 'free', -best[7])
 redis.call('HINCRBY', me, 'seqs', -1)

@@ -91,7 +91,8 @@ async def get_job(request: Request, job_id: str) -> dict[str, Any]:
     if fields.get("aff"):
         result["affinity"] = {
             "outcome": fields["aff"],
-            "wait_ms": int(fields.get("aff_wait", 0)),
+            "wait_ms": int(fields.get("aff_wait", 0)),  # held for its warm worker
+            "claimed_after_ms": int(fields.get("aff_picked", 0)),  # from reservation to claim
             "target": fields.get("aff_target") or None,
             "worker": fields.get("owner"),
         }
