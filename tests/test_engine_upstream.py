@@ -23,6 +23,7 @@ import pytest
 import pytest_asyncio
 
 from shared.models import ChatMessage, Job, SamplingParams
+from shared.prefix import block_hashes
 from worker.engine import TRANSCRIPT_STOPS, EngineError, GenerationRequest
 from worker.engines.upstream import UpstreamConfig, UpstreamEngine, parse_metrics
 
@@ -192,6 +193,17 @@ async def test_sends_max_tokens_and_counts_chunks(fake: UpstreamEngine) -> None:
     assert isinstance(body, dict)
     assert body["max_tokens"] == 3 and "max_completion_tokens" not in body
     assert body["stop"] == ["zz"] and body["model"] == "gemma3-270m"
+
+
+async def test_remembers_what_it_sent_as_warm(fake: UpstreamEngine) -> None:
+    """The upstream's cache is not visible: the engine advertises what it sent (an LRU)."""
+    prompt = "a long shared system prompt " * 40
+    await collect(fake, GenerationRequest(job(prompt, max_tokens=3)))
+    warm = fake.warm()
+    assert warm is not None
+    next_turn = block_hashes(prompt + " hello from fake and a follow-up question " * 10)
+    assert warm.match(next_turn) == len(block_hashes(prompt + " hello from fake"))
+    assert warm.match(block_hashes("something else entirely " * 40)) == 0
 
 
 async def test_chat_and_continuation_paths(fake: UpstreamEngine) -> None:

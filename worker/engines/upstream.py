@@ -25,10 +25,12 @@ from typing import Any, cast
 import httpx
 
 from shared.models import Job
+from shared.prefix import block_hashes
 from worker.engine import TRANSCRIPT_STOPS, EngineError, GenerationRequest, render_transcript
 from worker.settings import WorkerSettings
 from worker.warm import WarmPrefixes
 
+UPSTREAM_WARM_BLOCKS = 4096  # ~256k tokens of recently sent prefixes
 KV_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 WAITING_METRIC = "vllm:num_requests_waiting"
 
@@ -126,6 +128,10 @@ class UpstreamEngine:
         self.prober: asyncio.Task[None] | None = None
         self.up = False
         self.room = True
+        # What the upstream probably holds warm: vLLM and SGLang cache prefixes on their own
+        # and do not say which, so this is an estimate (an LRU of what we sent it), as the
+        # Gateway API Inference Extension's approximate prefix scorer keeps per pod.
+        self.recent = WarmPrefixes(max_blocks=UPSTREAM_WARM_BLOCKS)
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings) -> UpstreamEngine:
@@ -156,7 +162,7 @@ class UpstreamEngine:
         self.up = False
 
     def warm(self) -> WarmPrefixes | None:
-        return None
+        return self.recent
 
     def healthy(self) -> bool:
         return self.up
@@ -230,6 +236,15 @@ class UpstreamEngine:
         return path, body
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
+        produced: list[str] = [request.produced]
+        try:
+            async for text in self._generate(request):
+                produced.append(text)
+                yield text
+        finally:  # the upstream now holds this prompt and answer (the next turn's prefix)
+            self.recent.add(block_hashes(render_transcript(request.job) + "".join(produced)))
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[str]:
         if self.client is None:
             raise EngineError("upstream engine not started", code="engine_unavailable", status=503)
         path, body = self.payload(request)
