@@ -65,6 +65,19 @@ class GatewayMetrics:
         self.streamed_tokens = Counter(
             "slipstream_gateway_streamed_tokens", "Tokens relayed to clients", ["model"], registry=r
         )
+        self.prompt_tokens = Counter(
+            "slipstream_gateway_prompt_tokens",
+            "Prompt tokens of completed requests",
+            ["model"],
+            registry=r,
+        )
+        self.cached_tokens = Counter(
+            "slipstream_gateway_prompt_cached_tokens",
+            "Prompt tokens the engines reused from their prefix caches "
+            "(hit ratio: this / slipstream_gateway_prompt_tokens_total)",
+            ["model"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "slipstream_gateway_in_flight_requests", "Requests being served", registry=r
         )
@@ -231,6 +244,10 @@ class RequestObserver:
             elif isinstance(event, DoneEvent | ErrorEvent) and self.outcome is None:
                 self.outcome = "completed" if isinstance(event, DoneEvent) else outcome_of(event)
                 self.ended_at = now
+                if isinstance(event, DoneEvent):
+                    self.metrics.prompt_tokens.labels(self.job.model).inc(event.usage.prompt_tokens)
+                    cached = event.usage.cached_tokens
+                    self.metrics.cached_tokens.labels(self.job.model).inc(cached)
         if tokens:
             self.tokens += tokens
             self.last_token_at = now

@@ -73,6 +73,8 @@ def _gateway(samples: Samples) -> dict[str, Any]:
         "in_flight_requests": _total(samples, "slipstream_gateway_in_flight_requests"),
         "open_streams": _total(samples, "slipstream_gateway_open_streams"),
         "streamed_tokens_total": _total(samples, "slipstream_gateway_streamed_tokens_total"),
+        "prompt_tokens_total": _total(samples, "slipstream_gateway_prompt_tokens_total"),
+        "cached_tokens_total": _total(samples, "slipstream_gateway_prompt_cached_tokens_total"),
         "admission_rejections_total": _total(
             samples, "slipstream_gateway_admission_rejections_total"
         ),

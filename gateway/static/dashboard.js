@@ -215,6 +215,8 @@ function render(data) {
   setStat("stat-rejected", g.admission_rejections_total);
   setStat("stat-in-flight", g.in_flight_requests);
   setStat("stat-streamed", g.streamed_tokens_total);
+  const hits = g.prompt_tokens_total ? g.cached_tokens_total / g.prompt_tokens_total : null;
+  setStat("stat-hit-ratio", hits, hits === null ? "–" : `${(100 * hits).toFixed(1)}%`);
   setStat("stat-waiting", sumOver(data.models, (m) => sumOver(Object.values(m.queues), (q) => q.waiting_jobs || 0)));
   setStat("stat-workers", sumOver(data.models, (m) => m.workers || 0));
   const tps = sumOver(data.models, (m) => m.tokens_per_s || 0);
