@@ -15,7 +15,9 @@ from pydantic import ValidationError
 
 from gateway.multiplexer import Listener, PubSubMultiplexer
 from shared.jobs import JobStore
-from shared.models import TERMINAL_EVENT_TYPES, Event, EventBatch
+from shared.models import TERMINAL_EVENT_TYPES, ErrorEvent, Event, EventBatch, JobState
+
+LOG_GONE = "job_log_unavailable"  # the log expired or lost a batch: a 410, never a hang
 
 
 class JobEvents:
@@ -107,6 +109,9 @@ class JobEvents:
             except ValidationError:
                 self.needs_log = True
                 continue
+            if any(e.t in TERMINAL_EVENT_TYPES and e.s <= self.seq for e in batch.events):
+                self.needs_log = True  # it ended before our position: the log ends it again
+                return out
             fresh = [e for e in batch.events if e.s > self.seq or e.t == "started"]
             numbered = [e for e in fresh if e.t != "started"]
             if numbered and numbered[0].s != self.seq + 1:
@@ -121,17 +126,41 @@ class JobEvents:
         self.last_log_read = time.monotonic()
         self.listener.lagging = False
         self.listener.take()  # the log covers whatever is queued
+        # The state first: a terminal state means the log (appended in the same script)
+        # already holds the terminal event, so a read that does not find it proves a loss.
+        state = await self.store.job_state(self.model, self.job_id)
         out: list[Event] = []
         entries = await self.store.read_log(
             self.model, self.job_id, after=self.log_pos, count=self.LOG_PAGE
         )
-        if len(entries) == self.LOG_PAGE:
-            self.needs_log = True  # more to read: next call, after the caller sent these
         for entry in entries:
             self.log_pos = entry.stream_id
             fresh = [e for e in entry.batch.events if e.s > self.seq or e.t == "started"]
             out.extend(self._accept(fresh))
+            if self.needs_log:  # a gap in the log itself: that batch is gone for good
+                return [*out, self._log_gone("misses events")]
+            out.extend(self._ended_before(entry.batch.events))
+            if self.finished:
+                return out
+        if len(entries) == self.LOG_PAGE:
+            self.needs_log = True  # more to read: next call, after the caller sent these
+        elif state is not None and JobState(state).terminal:
+            out.append(self._log_gone("has expired"))  # read to its end: the end is not there
         return out
+
+    def _ended_before(self, events: list[Event]) -> list[Event]:
+        """The terminal event when the job ended at or before this reader's position (a
+        client resuming with the final event id, or past it): it ends the stream again."""
+        for event in events:
+            if event.t in TERMINAL_EVENT_TYPES and event.s <= self.seq and not self.finished:
+                self.finished = True
+                return [event]
+        return []
+
+    def _log_gone(self, why: str) -> ErrorEvent:
+        self.finished = True
+        message = f"the job's event log {why}; its output can no longer be streamed"
+        return ErrorEvent(s=self.seq, code=LOG_GONE, message=message, status=410)
 
     def _accept(self, events: list[Event]) -> list[Event]:
         accepted: list[Event] = []

@@ -16,6 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from gateway.dispatch import Dispatch
+from gateway.job_events import LOG_GONE
 from gateway.openai_format import ChunkWriter, completion_object
 from gateway.sse import SSEResponse, StreamCut
 from gateway.state import GatewayState
@@ -87,7 +88,7 @@ async def stream_response(
     try:
         first = await dispatch.next(timeout=state.settings.stream_start_s)
         error = next((e for e in first if isinstance(e, ErrorEvent)), None)
-        if error is not None and early_errors_as_status:
+        if error is not None and (early_errors_as_status or error.code == LOG_GONE):
             raise_for(error, headers)
     except BaseException:
         await close_dispatch(dispatch)

@@ -8,7 +8,9 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
+from shared.keys import Keys
 from tests.helpers import gateway_settings, running_gateway, running_worker, worker_settings
 
 CHAT = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12}
@@ -120,3 +122,62 @@ async def test_unknown_job_is_404(client: httpx.AsyncClient) -> None:
         response = await client.request(method, path)
         assert response.status_code == 404
         assert response.json()["error"]["code"] == "job_not_found"
+
+
+async def finished_job(client: httpx.AsyncClient) -> tuple[str, list[tuple[int | None, str]]]:
+    job_id = (await client.post("/v1/jobs", json=CHAT)).json()["id"]
+    async with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+        frames = await read_sse(response)
+    assert frames[-1][1] == "[DONE]"
+    return job_id, frames
+
+
+async def resume(client: httpx.AsyncClient, job_id: str, last: int) -> httpx.Response:
+    """The events after ``last``, read whole; a stream that stays open fails the test."""
+    url = f"/v1/jobs/{job_id}/events"
+    async with asyncio.timeout(5):  # the gateway pings and polls for good when it hangs
+        return await client.get(url, headers={"Last-Event-ID": str(last)})
+
+
+@pytest.mark.parametrize("past", [0, 1, 1000])
+async def test_resume_at_or_past_the_end_ends_at_once(client: httpx.AsyncClient, past: int) -> None:
+    job_id, frames = await finished_job(client)
+    final = max(i for i, _ in frames if i is not None)
+    response = await resume(client, job_id, final + past)
+    assert response.status_code == 200
+    data = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert chunks and chunks[0]["choices"][0]["finish_reason"] == "length"
+    assert "content" not in chunks[0]["choices"][0]["delta"]  # no text sent twice
+    assert f"id: {final}" in response.text.splitlines()
+
+
+async def test_resume_of_a_failed_job_past_its_end_ends_with_the_error(
+    client: httpx.AsyncClient,
+) -> None:
+    job_id = (await client.post("/v1/jobs", json={**CHAT, "max_tokens": 500})).json()["id"]
+    await client.delete(f"/v1/jobs/{job_id}")
+    final = (await client.get(f"/v1/jobs/{job_id}")).json()["last_event_id"]
+    response = await resume(client, job_id, final)
+    data = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]" and json.loads(data[-2])["error"]["code"] == "cancelled"
+
+
+async def test_expired_log_is_a_clear_error(client: httpx.AsyncClient, redis: Redis) -> None:
+    job_id, _ = await finished_job(client)
+    await redis.delete(Keys().job_log("sim-model", job_id))
+    response = await resume(client, job_id, 0)
+    assert response.status_code == 410
+    assert response.json()["error"]["code"] == "job_log_unavailable"
+
+
+async def test_log_with_a_hole_is_a_clear_error(client: httpx.AsyncClient, redis: Redis) -> None:
+    job_id, _ = await finished_job(client)
+    log_key = Keys().job_log("sim-model", job_id)
+    entries = await redis.xrange(log_key)
+    assert len(entries) >= 3
+    await redis.xdel(log_key, entries[1][0])  # a batch in the middle is gone
+    response = await resume(client, job_id, 0)
+    assert response.status_code == 410
+    assert response.json()["error"]["code"] == "job_log_unavailable"
