@@ -60,7 +60,7 @@ class Advertiser:
         added = blocks if self.whole else blocks - self.sent
         removed = set() if self.whole else self.sent - blocks
         whole, self.whole = self.whole, True  # until this write is known to have landed
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self.redis.pipeline(transaction=False) as pipe:
             if whole:
                 pipe.delete(self.warm_key)
             if added:
