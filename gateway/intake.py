@@ -45,11 +45,13 @@ async def read_json(request: Request, limit: int) -> Any:
         raise InvalidRequest("request body is empty; send a JSON object")
     try:
         data = json.loads(text, parse_constant=_reject_constant)
+        if not isinstance(data, dict):
+            raise InvalidRequest("request body must be a JSON object")
+        _reject_nul(data, "")
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc.msg} at {exc.pos}") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("request body must be a JSON object")
-    _reject_nul(data, "")
+    except RecursionError:  # ``[`` x 100,000: the parser or the walker ran out of stack
+        raise InvalidRequest("request body is nested too deeply") from None
     return data
 
 

@@ -253,3 +253,36 @@ async def test_more_bad_headers(
         "/v1/completions", json={"model": "sim-model", "prompt": "hi"}, headers=headers
     )
     await check_refused(response, redis, 400, param, "invalid_request")
+
+
+def nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+DEEP_BODIES = {
+    "unclosed": b"[" * 100_000,
+    "balanced": nested(100_000),
+    "in a field": b'{"model":"sim-model","messages":' + nested(100_000) + b"}",
+    "just parses": b'{"model":"sim-model","messages":[{"role":"user","content":"hi"}],"x":'
+    + nested(900)
+    + b"}",
+    "in messages": b'{"model":"sim-model","messages":' + nested(900) + b"}",
+}
+
+
+@pytest.mark.parametrize("body", DEEP_BODIES.values(), ids=list(DEEP_BODIES))
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/jobs"])
+async def test_deeply_nested_json_is_400(
+    redis_url: str, redis: Redis, path: str, body: bytes
+) -> None:
+    settings = gateway_settings(redis_url, max_body_bytes=1 << 20)
+    async with (
+        running_gateway(settings) as base,
+        httpx.AsyncClient(base_url=base, timeout=10) as http,
+    ):
+        response = await http.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text[:300]
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert await queued(redis) == 0
