@@ -47,11 +47,24 @@ class LlamaSettings(CommonSettings):
         description="GGUF file for --engine llama; empty: the packaged Gemma 3 270M (base)",
     )
     slots: int = Field(
-        default=1, gt=0, description="llama.cpp contexts (sequences generated at once)"
+        default=0,
+        ge=0,
+        description="Deprecated alias of --max-seqs for the llama engine (0: use --max-seqs)",
     )
-    n_ctx: int = Field(default=2048, gt=0, description="Context length of each slot, in tokens")
+    n_ctx: int = Field(
+        default=8192,
+        gt=0,
+        description="KV cells of the one llama.cpp context, shared by every sequence (and the "
+        "longest prompt + output of one)",
+    )
     threads: int = Field(
-        default=0, ge=0, description="CPU threads per slot; 0: cores divided by slots (at least 1)"
+        default=0, ge=0, description="CPU threads of the llama.cpp context; 0: every core"
+    )
+    llama_cache_share: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Share of the KV cells finished sequences' prefixes may keep for reuse",
     )
 
 

@@ -1,43 +1,44 @@
-"""In-process llama.cpp (llama-cpp-python) on a GGUF model: ``--engine llama``.
+"""In-process llama.cpp (llama-cpp-python, low-level API) on a GGUF model: ``--engine llama``.
 
-The worker holds ``slots`` llama.cpp contexts, one ``Llama`` object each; a generation takes a
-free slot for its whole life. Decoding runs in a thread per generation (a pool of ``slots``
-threads), never on the event loop; each token crosses to the loop through an asyncio queue,
-and closing the async generator sets a flag the thread reads between two tokens.
+One llama.cpp context with a unified KV cache serves up to ``max_seqs`` sequences at once
+(continuous batching, ``llama_sched``): one scheduler thread advances every running sequence
+in one ``llama_decode`` per step and reads new prompts in chunks between them. Finished
+sequences' cells stay cached (``llama_cache``) and a new request reuses its longest cached
+token prefix; what is cached is advertised as prefix fingerprints through ``warm()``.
 
-Reproducibility: every request starts from ``llm.reset()`` (no KV-cache reuse across
-requests, whose batch shapes change the floating-point sums); temperature 0 is greedy. A
-continuation (failover) evaluates the prompt as one batch and then replays the delivered
-tokens one at a time, exactly as the interrupted run evaluated them, so greedy output goes on
-as if nothing had happened (evaluating them as one batch drifts after a few tokens).
+The context uses every core (``threads`` 0: ``os.cpu_count()``): one context on all cores
+beats several contexts sharing them, and batching is what gives throughput to many sequences.
+
+Tokens cross to the event loop with ``loop.call_soon_threadsafe``; closing the async
+generator marks the sequence cancelled, and the scheduler drops it (freeing its cells) before
+it computes another token for it. Greedy output is bitwise the same alone or batched, warm or
+cold, and after a failover continuation (see ``llama_sched`` and docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import os
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
 from shared.models import Job
-from worker.warm import WarmPrefixes
 from worker.engine import TRANSCRIPT_STOPS, EngineError, GenerationRequest, render_transcript
+from worker.engines.llama_cache import PrefixCache
+from worker.engines.llama_ctx import ContextShape, LlamaContext, LlamaModel
+from worker.engines.llama_sched import MAX_ROWS, ROW_ALIGN, Piece, Plan, Scheduler, Seq
 from worker.settings import LlamaSettings
 from worker.stops import StopMatcher
+from worker.warm import WarmPrefixes
 
-DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp: a random seed
+CACHE_SEQS = 16  # sequence ids for cached prefixes
 
 
-def default_threads(slots: int, threads: int = 0, cores: int | None = None) -> int:
-    """Threads per slot: ``threads`` if set, else the cores shared out (slots*threads<=cores)."""
-    if threads > 0:
-        return threads
-    return max(1, (cores or os.cpu_count() or 1) // slots)
+def default_threads(threads: int = 0, cores: int | None = None) -> int:
+    """Threads of the one context: ``threads`` if set, else every core."""
+    return threads if threads > 0 else max(1, cores or os.cpu_count() or 1)
 
 
 def packaged_model_path() -> str:
@@ -50,104 +51,34 @@ def packaged_model_path() -> str:
 @dataclass(frozen=True, slots=True)
 class LlamaConfig:
     model_path: str = ""
-    slots: int = 1
-    n_ctx: int = 2048
+    max_seqs: int = 8
+    n_ctx: int = 8192
     threads: int = 0
+    cache_share: float = 0.5  # most of the cells finished sequences' prefixes may keep
 
     @classmethod
     def from_settings(cls, s: LlamaSettings) -> LlamaConfig:
-        return cls(s.model_path, s.slots, s.n_ctx, s.threads)
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """What one generation evaluates and how it samples (built before a slot is taken)."""
-
-    prompt: list[int]
-    produced: list[int]
-    remaining: int
-    stops: tuple[str, ...]
-    temperature: float
-    top_p: float
-    seed: int
-
-
-@dataclass(frozen=True, slots=True)
-class Piece:
-    """One token's text, as it crosses from the decoding thread to the event loop."""
-
-    text: str
-    last: bool = False
-
-
-class Bridge:
-    """Thread -> event loop hand-off for one generation, and the flag that stops it."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.queue: asyncio.Queue[Piece | EngineError | None] = asyncio.Queue()
-        self.stop = threading.Event()
-
-    def put(self, item: Piece | EngineError | None) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-
-def token_texts(llm: Any, plan: Plan, stop: threading.Event) -> Iterator[Piece]:
-    """Decode ``plan`` on ``llm`` (blocking; call from a thread), one piece per token."""
-    import llama_cpp
-
-    llm.reset()
-    llm.set_seed(plan.seed)
-    if plan.produced:  # replay the delivered tokens as the interrupted run evaluated them
-        llm.eval(plan.prompt)
-        for token in plan.produced[:-1]:
-            if stop.is_set():
-                return
-            llm.eval([token])
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    vocab = llm._model.vocab
-    tokens = plan.prompt + plan.produced
-    sampling = {"top_k": 0, "min_p": 0.0, "top_p": plan.top_p, "temp": plan.temperature}
-    generation = llm.generate(tokens, reset=True, repeat_penalty=1.0, **sampling)
-    for n, token in enumerate(generation, start=1):
-        if stop.is_set():
-            return
-        if llama_cpp.llama_vocab_is_eog(vocab, token):
-            break
-        last = n >= plan.remaining
-        text = decoder.decode(llm.detokenize([token]), final=last)
-        yield Piece(text, last)
-        if last:
-            return
-    tail = decoder.decode(b"", final=True)
-    if tail:
-        yield Piece(tail, True)
-
-
-def decode_into(llm: Any, plan: Plan, bridge: Bridge) -> None:
-    """Thread body: pieces, then ``None`` (end) or an ``EngineError``."""
-    try:
-        for piece in token_texts(llm, plan, bridge.stop):
-            bridge.put(piece)
-        bridge.put(None)
-    except Exception as exc:  # llama.cpp failures surface as the job's error
-        bridge.put(EngineError(f"llama.cpp generation failed: {exc}", code="engine_error"))
+        seqs = s.slots or int(getattr(s, "max_seqs", 8))  # --slots: deprecated alias
+        return cls(s.model_path, seqs, s.n_ctx, s.threads, s.llama_cache_share)
 
 
 class LlamaEngine:
-    """llama.cpp in this process (``--engine llama``)."""
+    """llama.cpp in this process (``--engine llama``), batching its sequences."""
 
     name = "llama"
 
     def __init__(self, config: LlamaConfig) -> None:
+        if not 0 < config.max_seqs <= MAX_ROWS - ROW_ALIGN:
+            raise ValueError(f"max_seqs must be 1..{MAX_ROWS - ROW_ALIGN}")
         self.config = config
-        self.threads = default_threads(config.slots, config.threads)
+        self.threads = default_threads(config.threads)
         self.model_path = config.model_path
-        self.llms: list[Any] = []
-        self.free: asyncio.Queue[Any] = asyncio.Queue()
-        self.pool: ThreadPoolExecutor | None = None
+        self.model: LlamaModel | None = None
+        self.ctx: LlamaContext | None = None
+        self.sched: Scheduler | None = None
         self.formatter: Any = None
-        self.active: set[Bridge] = set()
+        self.prefixes = WarmPrefixes()
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def from_settings(cls, settings: LlamaSettings) -> LlamaEngine:
@@ -155,57 +86,68 @@ class LlamaEngine:
 
     # --- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
         if not self.model_path:
             self.model_path = await asyncio.to_thread(packaged_model_path)
-        for _ in range(self.config.slots):
-            llm = await asyncio.to_thread(self._load)
-            self.llms.append(llm)
-            self.free.put_nowait(llm)
-        self.formatter = chat_formatter(self.llms[0])
-        self.pool = ThreadPoolExecutor(self.config.slots, thread_name_prefix="llama-slot")
+        model, ctx = await asyncio.to_thread(self._load)
+        self.model, self.ctx = model, ctx
+        cfg = self.config
+        cache = PrefixCache(
+            range(cfg.max_seqs, cfg.max_seqs + CACHE_SEQS), int(cfg.n_ctx * cfg.cache_share)
+        )
+        self.formatter = chat_formatter(model)
+        self.sched = Scheduler(ctx, cfg.max_seqs, cache, self._warm_changed)
+        self.sched.start()
 
-    def _load(self) -> Any:
-        from llama_cpp import Llama
-
+    def _load(self) -> tuple[LlamaModel, LlamaContext]:
+        cfg = self.config
+        shape = ContextShape(cfg.n_ctx, cfg.max_seqs + CACHE_SEQS + 1, MAX_ROWS, self.threads)
         try:
-            return Llama(
-                model_path=self.model_path,
-                n_ctx=self.config.n_ctx,
-                n_threads=self.threads,
-                n_threads_batch=self.threads,
-                verbose=False,
-            )
+            model = LlamaModel(self.model_path)
         except (ValueError, OSError, RuntimeError) as exc:
             raise EngineError(f"cannot load {self.model_path}: {exc}") from exc
+        try:
+            return model, LlamaContext(model, shape)
+        except ValueError as exc:
+            model.close()
+            raise EngineError(f"cannot create a llama.cpp context: {exc}") from exc
 
     async def close(self) -> None:
-        for bridge in self.active:
-            bridge.stop.set()
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            await asyncio.to_thread(self.pool.shutdown, wait=True)
-            self.pool = None
-        llms, self.llms = self.llms, []
-        self.free = asyncio.Queue()
-        for llm in llms:
-            await asyncio.to_thread(llm.close)
+        sched, self.sched = self.sched, None
+        if sched is not None:
+            sched.stop()
+            await asyncio.to_thread(sched.thread.join)
+        if self.ctx is not None:
+            self.ctx.close()
+            self.ctx = None
+        if self.model is not None:
+            self.model.close()
+            self.model = None
+
+    def _warm_changed(self, chain: list[str], held: bool) -> None:
+        """From the scheduler thread: apply on the loop (the worker reads it there)."""
+        if self.loop is not None:
+            apply = self.prefixes.add if held else self.prefixes.discard
+            with suppress(RuntimeError):  # the loop closed
+                self.loop.call_soon_threadsafe(apply, chain)
 
     def warm(self) -> WarmPrefixes | None:
-        return None
+        return self.prefixes
 
     def healthy(self) -> bool:
-        return bool(self.llms) and self.pool is not None
+        return self.sched is not None and self.sched.thread.is_alive()
 
     def has_room(self) -> bool:
-        return True  # capacity() already bounds the worker to one sequence per slot
+        s = self.sched
+        return s is not None and s.slots_free() > 0 and s.free_cells() > 0
 
     def capacity(self) -> tuple[int, int] | None:
-        return self.config.slots * self.config.n_ctx, self.config.slots
+        return self.config.n_ctx, self.config.max_seqs
 
     # --- prompts --------------------------------------------------------------------------
-    def _render(self, job: Job) -> tuple[list[int], tuple[str, ...]]:
-        """Prompt tokens and the stop strings the prompt format implies (blocking)."""
-        llm = self.llms[0]  # tokenizing reads the vocabulary only: safe beside decoding
+    def _render(self, job: Job) -> tuple[list[int], tuple[str, ...], str]:
+        """Prompt tokens, the stop strings the prompt format implies, and the prompt text."""
+        model = self._model()
         if job.kind == "chat" and self.formatter is not None:
             messages = [m.model_dump(exclude_none=True) for m in job.messages or []]
             try:
@@ -214,20 +156,25 @@ class LlamaEngine:
                 msg = f"chat template: {exc}"
                 raise EngineError(msg, code="invalid_request", status=400) from exc
             stops = [result.stop] if isinstance(result.stop, str) else result.stop or []
-            tokens = llm.tokenize(result.prompt.encode(), add_bos=False, special=True)
-            return tokens, tuple(stops)
+            tokens = model.tokenize(result.prompt.encode(), add_bos=False, special=True)
+            return tokens, tuple(stops), str(result.prompt)
         text = render_transcript(job)
         stops = TRANSCRIPT_STOPS if job.kind == "chat" else ()
-        return llm.tokenize(text.encode(), add_bos=True, special=False), stops
+        return model.tokenize(text.encode(), add_bos=True, special=False), stops, text
+
+    def _model(self) -> LlamaModel:
+        if self.model is None:
+            raise EngineError("llama engine not started", code="engine_unavailable", status=503)
+        return self.model
 
     def _plan(self, request: GenerationRequest) -> Plan:
-        if not self.llms:
-            raise EngineError("llama engine not started", code="engine_unavailable", status=503)
-        prompt, stops = self._render(request.job)
+        prompt, stops, text = self._render(request.job)
         produced: list[int] = []
         if request.produced:
-            produced = self.llms[0].tokenize(request.produced.encode(), add_bos=False)
-        room = self.config.n_ctx - len(prompt) - len(produced)
+            produced = self._model().tokenize(
+                request.produced.encode(), add_bos=False, special=False
+            )
+        room = self.config.n_ctx - ROW_ALIGN - len(prompt) - len(produced)
         if room <= 0:
             raise EngineError(
                 f"prompt of {len(prompt) + len(produced)} tokens leaves no room in the "
@@ -235,15 +182,15 @@ class LlamaEngine:
                 code="context_length_exceeded",
                 status=400,
             )
-        params = request.job.params
-        seed = DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
-        remaining = min(params.max_tokens - request.produced_tokens, room)
-        return Plan(prompt, produced, remaining, stops, params.temperature, params.top_p, seed)
+        p = request.job.params
+        remaining = min(p.max_tokens - request.produced_tokens, room)
+        return Plan(
+            prompt, produced, remaining, stops, p.temperature, p.top_p, p.seed, text,
+            skip=request.produced_tokens,
+        )  # fmt: skip
 
     async def count_prompt_tokens(self, job: Job) -> int:
-        if not self.llms:
-            raise EngineError("llama engine not started", code="engine_unavailable", status=503)
-        tokens, _ = await asyncio.to_thread(self._render, job)
+        tokens, _, _ = await asyncio.to_thread(self._render, job)
         return len(tokens)
 
     # --- generation -----------------------------------------------------------------------
@@ -251,51 +198,44 @@ class LlamaEngine:
         plan = await asyncio.to_thread(self._plan, request)
         if plan.remaining <= 0:
             return
-        llm = await self.free.get()
-        if self.pool is None:
-            self.free.put_nowait(llm)
+        sched = self.sched
+        if sched is None:
             raise EngineError("llama engine closed", code="engine_unavailable", status=503)
-        bridge = Bridge(asyncio.get_running_loop())
-        running = bridge.loop.run_in_executor(self.pool, decode_into, llm, plan, bridge)
-        running.add_done_callback(self._release(llm))  # the slot frees when the thread ends
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[Piece | EngineError | None] = asyncio.Queue()
+
+        def emit(item: Piece | EngineError | None) -> None:
+            with suppress(RuntimeError):  # the loop closed under a late token
+                loop.call_soon_threadsafe(inbox.put_nowait, item)
+
+        seq = Seq(plan, emit, request.stats, inputs=plan.prompt + plan.produced)
+        sched.submit(seq)
         stops = StopMatcher(plan.stops)
-        self.active.add(bridge)
         try:
-            while (item := await bridge.queue.get()) is not None:
+            while (item := await inbox.get()) is not None:
                 if isinstance(item, EngineError):
                     raise item
                 text = stops.feed(item.text)
                 if item.last:
                     text += stops.flush()
                 yield text
-                if stops.stopped or item.last:
+                if stops.stopped:
                     return
-            tail = stops.flush()  # end of sequence with text held back (rare: one extra)
+            tail = stops.flush()  # end of sequence with text held back
             if tail:
                 yield tail
         finally:
-            bridge.stop.set()
-            self.active.discard(bridge)
-            with suppress(Exception):
-                await asyncio.shield(running)
-
-    def _release(self, llm: Any) -> Callable[[asyncio.Future[None]], None]:
-        def release(_: asyncio.Future[None]) -> None:
-            if llm in self.llms:
-                self.free.put_nowait(llm)
-
-        return release
+            seq.cancel()  # no-op once it finished; else the scheduler drops it next step
 
 
-def chat_formatter(llm: Any) -> Any:
+def chat_formatter(model: LlamaModel) -> Any:
     """The GGUF's own chat template as a formatter, or None (base models: a transcript)."""
-    template = llm.metadata.get("tokenizer.chat_template")
+    template = model.meta("tokenizer.chat_template")
     if not template:
         return None
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    def text_of(token_id: int) -> str:
-        return str(llm._model.token_get_text(token_id)) if token_id != -1 else ""
-
-    eos, bos = llm.token_eos(), llm.token_bos()
-    return Jinja2ChatFormatter(template, text_of(eos), text_of(bos), stop_token_ids=[eos])
+    eos, bos = model.token_eos(), model.token_bos()
+    return Jinja2ChatFormatter(
+        template, model.token_text(eos), model.token_text(bos), stop_token_ids=[eos]
+    )

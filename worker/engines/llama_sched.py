@@ -1,0 +1,331 @@
+"""The batching scheduler: one thread, one llama.cpp context, every running sequence per step.
+
+Each step builds one batch: a decode row for every sequence that has a token to feed, then
+prompt rows (chunked prefill) of sequences still reading their prompt, up to ``MAX_ROWS``
+rows. So a long prompt is read a chunk per step while the others keep decoding, and a new
+sequence starts without waiting for the batch to drain. A finished or cancelled sequence
+frees its sequence id and cells at once; a finished one's cells move into the prefix cache
+(``llama_cache``) for the next request that shares its prefix.
+
+Determinism (measured on llama.cpp's CPU kernels, see docs/reliability.md): a row's logits
+are bitwise independent of the other rows in its batch only when the batch's row count is a
+multiple of ``ROW_ALIGN`` and below 64. Every batch is padded to a multiple of ``ROW_ALIGN``
+with rows of a scratch sequence (removed right after the decode) and never exceeds
+``MAX_ROWS``. Then greedy output is the same alone or in any batch, warm or cold, and a
+continuation that prefills the delivered tokens equals the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import codecs
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from shared.prefix import block_hashes
+from worker.engine import EngineError, GenerationStats
+from worker.engines.llama_cache import Entry, PrefixCache
+from worker.engines.llama_ctx import LlamaContext
+from worker.engines.llama_sampling import Sampler
+
+ROW_ALIGN = 8
+MAX_ROWS = 56
+MIN_CACHED = 16  # shorter finished sequences are not worth a cache entry
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What one generation evaluates and how it samples (built on the event loop's side)."""
+
+    prompt: list[int]
+    produced: list[int]  # delivered tokens (failover): prefilled after the prompt
+    remaining: int
+    stops: tuple[str, ...]
+    temperature: float
+    top_p: float
+    seed: int | None
+    text: str  # the rendered prompt text (fingerprinted for the warm advertisement)
+    skip: int = 0  # sampling draws already spent (tokens delivered before a failover)
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """One token's text, as it crosses from the scheduler thread to the event loop."""
+
+    text: str
+    last: bool = False
+
+
+Emit = Callable[["Piece | EngineError | None"], None]
+
+
+@dataclass(eq=False, slots=True)
+class Seq:
+    plan: Plan
+    emit: Emit
+    stats: GenerationStats
+    inputs: list[int] = field(default_factory=list)  # prompt + produced
+    sid: int = -1
+    fed: int = 0  # tokens of inputs + out evaluated (cells held)
+    out: list[int] = field(default_factory=list)  # sampled tokens
+    reserved: int = 0
+    shared_from: Entry | None = None
+    shared: int = 0
+    cancelled: bool = False
+    text: list[str] = field(default_factory=list)
+    sampler: Sampler | None = None
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
+    )
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < len(self.inputs)
+
+    def evaluated(self) -> list[int]:
+        return (self.inputs + self.out)[: self.fed]
+
+
+WarmHook = Callable[[list[str], bool], None]  # (fingerprint chain, held?) -> None
+
+
+class Scheduler:
+    """Owns the context; ``submit`` from any thread, everything else on its own thread."""
+
+    def __init__(
+        self, ctx: LlamaContext, max_seqs: int, cache: PrefixCache, warm: WarmHook
+    ) -> None:
+        self.ctx = ctx
+        self.max_seqs = max_seqs
+        self.cache = cache
+        self.warm = warm
+        self.scratch = ctx.shape.n_seq_max - 1
+        self.inbox: queue.SimpleQueue[Seq | None] = queue.SimpleQueue()
+        self.pending: deque[Seq] = deque()
+        self.running: list[Seq] = []
+        self.free_sids = list(reversed(range(max_seqs)))
+        self.reserved = 0  # cells reserved by running sequences (beyond shared prefixes)
+        self.waiting = 0  # submitted, not yet admitted (read by has_room on the loop)
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self.run, name="llama-scheduler", daemon=True)
+        self.stopping = False
+        self.steps = 0
+
+    # --- any thread -----------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, seq: Seq) -> None:
+        with self.lock:
+            self.waiting += 1
+        self.inbox.put(seq)
+
+    def _admitted(self) -> None:
+        with self.lock:
+            self.waiting -= 1
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.inbox.put(None)
+
+    def free_cells(self) -> int:
+        """Cells neither reserved by running sequences nor needed for padding."""
+        return self.ctx.shape.n_ctx - ROW_ALIGN - self.reserved
+
+    def slots_free(self) -> int:
+        return len(self.free_sids) - self.waiting
+
+    # --- the scheduler thread -------------------------------------------------------------
+    def run(self) -> None:
+        while not self.stopping:
+            self._collect(block=not self.running)
+            self._drop_cancelled()
+            self._admit()
+            if self.running:
+                try:
+                    self._step()
+                except Exception as exc:  # a failed decode ends every sequence in the batch
+                    self._fail_all(exc)
+        for seq in [*self.running, *self.pending]:
+            seq.emit(EngineError("llama engine closed", code="engine_unavailable", status=503))
+
+    def _collect(self, *, block: bool) -> None:
+        try:
+            item = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+            while True:
+                if item is not None:
+                    self.pending.append(item)
+                item = self.inbox.get_nowait()
+        except queue.Empty:
+            return
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self.running if s.cancelled]:
+            self._release(seq, keep=False)
+        for seq in [s for s in self.pending if s.cancelled]:
+            self.pending.remove(seq)
+            self._admitted()
+
+    def _admit(self) -> None:
+        """Start pending sequences in order while a sequence id and the cells are free."""
+        while self.pending and self.free_sids:
+            seq = self.pending[0]
+            entry, shared = self.cache.match(seq.inputs)
+            shared = min(shared, len(seq.inputs) - 1)  # evaluate >= 1 token: its logits
+            keep = entry if shared > 0 else None
+            need = len(seq.inputs) - shared + seq.plan.remaining
+            if not self._make_room(need, keep):
+                if keep is None or self.running:
+                    return  # the head waits for cells (running sequences will free them)
+                self._drop_entry(keep)  # alone and still short: give up the reuse
+                continue
+            self.pending.popleft()
+            self._admitted()
+            self._start(seq, keep, shared if keep else 0, need)
+
+    def _make_room(self, need: int, keep: Entry | None) -> bool:
+        """Evict cached prefixes (least recently used first) until ``need`` cells are free."""
+        while self.free_cells() - self.cache.cells < need:
+            victim = next((e for e in self.cache.entries.values() if e is not keep), None)
+            if victim is None:
+                return False
+            self._drop_entry(victim)
+        return True
+
+    def _drop_entry(self, entry: Entry) -> None:
+        """Evict a cached prefix: its id goes, its cells go unless a running sequence holds
+        them (they become that sequence's own)."""
+        for seq in self.running:
+            if seq.shared_from is entry:
+                self.reserved += seq.shared
+                seq.reserved += seq.shared
+                seq.shared_from = None
+        self.ctx.seq_rm(entry.sid)
+        self.cache.remove(entry)
+        if entry.chain:
+            self.warm(entry.chain, False)
+
+    def _start(self, seq: Seq, entry: Entry | None, shared: int, need: int) -> None:
+        seq.sid = self.free_sids.pop()
+        self.ctx.seq_rm(seq.sid)
+        if entry is not None:
+            self.ctx.seq_cp(entry.sid, seq.sid, 0, shared)
+            seq.shared_from, seq.shared = entry, shared
+        seq.fed = shared
+        seq.reserved = need
+        self.reserved += need
+        seq.stats.cached_tokens = min(shared, len(seq.plan.prompt))
+        seq.stats.prompt_tokens = len(seq.plan.prompt)
+        plan = seq.plan
+        seq.sampler = Sampler(plan.temperature, plan.top_p, plan.seed, plan.skip)
+        self.running.append(seq)
+
+    # --- one step -------------------------------------------------------------------------
+    def _step(self) -> None:
+        ctx = self.ctx
+        ctx.clear()
+        rows: list[tuple[Seq, int]] = []
+        for seq in self.running:  # decode rows first: running sequences never wait
+            if not seq.prefilling:
+                token = seq.out[-1]
+                rows.append((seq, ctx.add(token, seq.fed, seq.sid, logits=True)))
+        for seq in self.running:  # then prompt chunks, oldest first, in what rows are left
+            if seq.prefilling and ctx.rows < MAX_ROWS:
+                row = self._prefill_chunk(seq)
+                if row is not None:
+                    rows.append((seq, row))
+        self._pad()
+        ctx.decode()
+        ctx.seq_rm(self.scratch)
+        self.steps += 1
+        for seq, row in rows:
+            self._advance(seq, row)
+
+    def _prefill_chunk(self, seq: Seq) -> int | None:
+        ctx = self.ctx
+        end = min(len(seq.inputs), seq.fed + MAX_ROWS - ctx.rows)
+        row = None
+        for pos in range(seq.fed, end):
+            last = pos == len(seq.inputs) - 1
+            r = ctx.add(seq.inputs[pos], pos, seq.sid, logits=last)
+            row = r if last else None
+        seq.fed = end
+        return row
+
+    def _pad(self) -> None:
+        for pos in range(-self.ctx.rows % ROW_ALIGN):
+            self.ctx.add(0, pos, self.scratch, logits=False)
+
+    def _advance(self, seq: Seq, row: int) -> None:
+        """A sequence's row gave logits: sample, deliver, and finish if it is done."""
+        if seq.out:
+            seq.fed += 1  # the token fed this step now holds a cell
+        assert seq.sampler is not None
+        token = seq.sampler(self.ctx.logits(row))
+        if self.ctx.model.is_eog(token):
+            self._finish(seq, "")
+            return
+        seq.out.append(token)
+        last = len(seq.out) >= seq.plan.remaining
+        text = seq.decoder.decode(self.ctx.model.piece(token), final=last)
+        seq.text.append(text)
+        if last:
+            self._finish(seq, text, final=True)
+        else:
+            seq.emit(Piece(text))
+
+    def _finish(self, seq: Seq, text: str, *, final: bool = False) -> None:
+        if not final:
+            text = seq.decoder.decode(b"", final=True)
+            seq.text.append(text)
+        if text or final:
+            seq.emit(Piece(text, True))
+        seq.emit(None)
+        self._release(seq, keep=True)
+
+    def _release(self, seq: Seq, *, keep: bool) -> None:
+        """Free a sequence's id and cells; a finished one's cells go to the prefix cache."""
+        self.running.remove(seq)
+        self.reserved -= seq.reserved
+        tokens = seq.evaluated()
+        sid = self._cache_sid() if keep and len(tokens) >= MIN_CACHED else None
+        if sid is not None:
+            self.ctx.seq_rm(sid)
+            self.ctx.seq_cp(seq.sid, sid, -1, -1)
+            self._cache(Entry(sid, tokens), seq)
+        self.ctx.seq_rm(seq.sid)
+        self.free_sids.append(seq.sid)
+
+    def _cache_sid(self) -> int | None:
+        sid = self.cache.take_sid()
+        if sid is None and (oldest := self.cache.oldest()) is not None:
+            self._drop_entry(oldest)
+            sid = self.cache.take_sid()
+        return sid
+
+    def _cache(self, entry: Entry, seq: Seq) -> None:
+        output = "".join(seq.text)
+        cuts = [i for i in (output.find(s) for s in seq.plan.stops if s) if i >= 0]
+        entry.chain = block_hashes(seq.plan.text + (output[: min(cuts)] if cuts else output))
+        for old in self.cache.redundant(entry):
+            self._drop_entry(old)
+        self.cache.put(entry)
+        if entry.chain:
+            self.warm(entry.chain, True)
+        while self.cache.entries and (
+            self.cache.cells > self.cache.budget or self.free_cells() < self.cache.cells
+        ):
+            victim = self.cache.oldest()
+            assert victim is not None
+            self._drop_entry(victim)
+
+    def _fail_all(self, exc: Exception) -> None:
+        error = EngineError(f"llama.cpp generation failed: {exc}", code="engine_error")
+        for seq in list(self.running):
+            seq.emit(error)
+            self._release(seq, keep=False)
