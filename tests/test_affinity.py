@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from shared.affinity import AffinityPolicy, session_key
 from shared.jobs import JobStore, PullResult
 from shared.keys import Keys
+from shared.models import Priority
 from shared.prefix import block_hashes
 from shared.prompt import render_transcript
 from tests.helpers import make_job
@@ -220,3 +221,58 @@ async def test_advertisement_is_bounded_and_expires(redis: Redis) -> None:
     assert not await redis.exists(KEYS.worker_state(MODEL, "w"))
     await adv.beat(1000, 1, warm)  # the set expired: the next beat writes it whole
     assert await redis.smembers(KEYS.warm(MODEL, "w")) == warm.blocks()
+
+
+async def test_deadline_passing_while_reserved_expires_the_job(redis: Redis) -> None:
+    store = store_for(redis, wait_ms=60_000)
+    await advertise(redis, "warm-w", SYSTEM)
+    job = chat_job(SYSTEM + "User: too late", deadline_ms=300)
+    await store.enqueue(job)
+    assert (await pull(store, "cold-w")).kind == "empty"
+    await asyncio.sleep(0.35)
+    late = await pull(store, "cold-w")
+    assert late.kind == "skipped"
+    assert (await store.state(MODEL, job.id))["state"] == "expired"
+    assert await redis.zcard(KEYS.reserved(MODEL)) == 0
+
+
+async def test_aging_and_fair_share_hold_with_affinity(redis: Redis) -> None:
+    store = JobStore(
+        redis, KEYS, ttl_s=600, fair_share_tokens=10, affinity=AffinityPolicy(60_000, 60_000)
+    )
+    await advertise(redis, "warm-w", SYSTEM, seqs=1)
+    flood = []
+    for i in range(3):  # one tenant's warm jobs: one fits its share, two are deferred
+        job = chat_job(SYSTEM + f"User: flood {i}")
+        job.tenant = "flooder"
+        flood.append(job)
+        await store.enqueue(job)
+    other = make_job(prompt="a newcomer's short question")
+    other.tenant = "newcomer"
+    await store.enqueue(other)
+    taken = await pull(store, "cold-w")  # reserves the flooder's first job, takes the newcomer
+    assert taken.claimed is not None and taken.claimed.job.id == other.id
+    assert await redis.zcard(KEYS.reserved(MODEL)) == 1
+    warm = await pull(store, "warm-w", seqs=1, idle=True)
+    assert warm.claimed is not None and warm.claimed.job.id == flood[0].id
+    # the flooder's share freed: its next job moved into the shared queue, in order
+    queued = await redis.xrange(KEYS.queue(MODEL, flood[1].priority))
+    assert any(fields["job"] == flood[1].id for _, fields in queued)
+    assert not await redis.exists(KEYS.deferred(MODEL, flood[1].priority, "flooder")) or (
+        await redis.xlen(KEYS.deferred(MODEL, flood[1].priority, "flooder")) == 1
+    )
+
+
+async def test_aged_low_job_goes_before_a_reserved_warm_one(redis: Redis) -> None:
+    store = store_for(redis, wait_ms=60_000)
+    await advertise(redis, "warm-w", SYSTEM)
+    warm_job = chat_job(SYSTEM + "User: warm but normal")
+    await store.enqueue(warm_job)
+    assert (await pull(store, "cold-w")).kind == "empty"  # reserved for warm-w
+    low = make_job(priority="low", prompt="an old low-priority question")
+    await store.enqueue(low)
+    await asyncio.sleep(0.05)
+    first = await pull(store, "warm-w", aging_ms={Priority.LOW: 10})
+    assert first.claimed is not None and first.claimed.job.id == low.id
+    second = await pull(store, "warm-w")
+    assert second.claimed is not None and second.claimed.job.id == warm_job.id
