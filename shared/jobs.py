@@ -11,7 +11,7 @@ from typing import Any, Literal
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-from shared import lua
+from shared import lua, lua_pull
 from shared.affinity import AffinityPolicy
 from shared.keys import CONSUMER_GROUP, Keys
 from shared.models import EventBatch, Job, JobState, Priority
@@ -76,13 +76,13 @@ class JobStore:
         self.fair_share_tokens = fair_share_tokens
         self.affinity = affinity
         self._enqueue = redis.register_script(lua.ENQUEUE)
-        self._pull = redis.register_script(lua.PULL)
+        self._pull = redis.register_script(lua_pull.PULL)
         self._emit = redis.register_script(lua.EMIT)
         self._cancel = redis.register_script(lua.CANCEL)
         self._renew = redis.register_script(lua.RENEW)
         self._handback = redis.register_script(lua.HANDBACK)
         self._sweep = redis.register_script(lua.SWEEP)
-        self._release = redis.register_script(lua.RELEASE)
+        self._release = redis.register_script(lua_pull.RELEASE)
 
     # --- gateway side -------------------------------------------------------------------
     async def enqueue(self, job: Job) -> str:

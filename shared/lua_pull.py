@@ -1,0 +1,267 @@
+"""The Lua scripts that choose what a worker takes: ``PULL`` (priority with aging, capacity,
+takeover of expired leases, warm-state reservations) and ``RELEASE`` (a worker leaving).
+
+They share ``_HELPERS`` with the other state transitions (``shared/lua.py``) and, like them,
+touch one model's keys only, derived from its ``slip:{model}:`` prefix (one Cluster slot).
+"""
+
+from shared.lua import _HELPERS
+
+# KEYS: the model's queues (highest priority first), then its wake stream.
+# ARGV[1]: JSON options: ``group``, ``consumer``, ``free`` tokens, ``seqs`` free sequence
+#   slots, ``idle`` (bool), ``prefix`` (the model's), ``lease`` ms, ``ttl`` ms,
+#   ``max_deliveries``, ``aging`` (ms per queue, 0 = never promoted), ``worker_ttl`` ms.
+# Order: an expired lease (takeover) first; then, by priority with aging (oldest first among
+# equals), the jobs reserved for this worker, reservations whose wait ended (stolen), and the
+# queue heads. A queue head that another live worker with room holds warm (or served the
+# session's last turn) is reserved for it instead: delivered to that worker's consumer (so it
+# stays pending, and visible, in the group) and put in its inbox for at most the job's wait.
+# Returns {'empty', ms until the next lease or reservation ends or -1, last ids...} | {'full'}
+#       | {'skipped', job id, state}
+#       | {'job', job id, payload, fence, seq, ntok, outcome, affinity wait ms[, marks]}
+# where outcome is warm|cold|stolen|takeover and a job from a queue carries the 'empty'
+# reply's marks when nothing else is waiting.
+PULL = (
+    _HELPERS
+    + r"""
+local o = cjson.decode(ARGV[1])
+local group, consumer, mp = o['group'], o['consumer'], o['prefix']
+local free, idle, lease, ttl = tonumber(o['free']), o['idle'], tonumber(o['lease']), tonumber(o['ttl'])
+local now, nq = redis_now(), #KEYS - 1
+local me = mp .. 'worker:' .. consumer
+redis.call('HSET', me, 'free', free, 'seqs', o['seqs'])
+redis.call('PEXPIRE', me, o['worker_ttl'])
+redis.call('SADD', mp .. 'members', consumer)
+
+local expired = redis.call('ZRANGEBYSCORE', mp .. 'leases', '-inf', now, 'LIMIT', 0, 1)
+if #expired > 0 then
+  local id = expired[1]
+  local job = mp .. 'job:' .. id
+  local state = redis.call('HGET', job, 'state')
+  if state ~= 'running' then
+    redis.call('ZREM', mp .. 'leases', id)
+    return {'skipped', id, tostring(state)}
+  end
+  if not idle and tonumber(redis.call('HGET', job, 'cost')) > free then return {'full'} end
+  local max_deliveries = tonumber(o['max_deliveries'])
+  if tonumber(redis.call('HGET', job, 'deliveries')) >= max_deliveries then
+    redis.call('XADD', mp .. 'dead', 'MAXLEN', '~', 10000, '*', 'job', id,
+      'deliveries', redis.call('HGET', job, 'deliveries'), 'owner', tostring(redis.call('HGET', job, 'owner')))
+    fail(mp, id, 'failed', 'poison_job', 'the job failed on ' .. max_deliveries .. ' workers; it was moved to the dead-letter stream', 500, group, ttl)
+    return {'skipped', id, 'dead'}
+  end
+  if past_deadline(job, now) then
+    fail(mp, id, 'expired', 'deadline_exceeded', 'the deadline passed during a worker failover', 504, group, ttl)
+    return {'skipped', id, 'expired'}
+  end
+  local q, entry = redis.call('HGET', job, 'queue'), redis.call('HGET', job, 'entry')
+  redis.call('XCLAIM', q, group, consumer, 0, entry, 'JUSTID')
+  local out = claim(mp, id, consumer, now, lease)
+  out[7], out[8] = 'takeover', 0
+  return out
+end
+
+-- the first entry of queue q not yet delivered to the group (nil when there is none)
+local function head_of(q)
+  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', q)
+  if not ok or #groups == 0 then
+    redis.call('XGROUP', 'CREATE', q, group, '0', 'MKSTREAM')
+    groups = redis.call('XINFO', 'GROUPS', q)
+  end
+  local delivered = '0-0'
+  for _, g in ipairs(groups) do
+    local info = {}
+    for k = 1, #g, 2 do info[g[k]] = g[k + 1] end
+    if info['name'] == group then delivered = info['last-delivered-id'] end
+  end
+  return redis.call('XRANGE', q, '(' .. delivered, '+', 'COUNT', 1)[1]
+end
+
+-- what an idle worker blocks on: ms until the next lease or reservation ends (or -1), then
+-- the last id of every queue and of the wake stream
+local function idle_marks(out)
+  local next_at = nil
+  for _, z in ipairs({mp .. 'leases', mp .. 'reserved'}) do
+    local first = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
+    if #first > 0 and (next_at == nil or tonumber(first[2]) < next_at) then next_at = tonumber(first[2]) end
+  end
+  out[#out + 1] = next_at and math.max(0, next_at - now) or -1
+  for i = 1, #KEYS do
+    local ok, info = pcall(redis.call, 'XINFO', 'STREAM', KEYS[i])
+    local last = '0-0'
+    if ok then
+      for k = 1, #info, 2 do if info[k] == 'last-generated-id' then last = info[k + 1] end end
+    end
+    out[#out + 1] = last
+  end
+  return out
+end
+
+local function rank_of(prio_index, entry_id)
+  local age = now - tonumber(string.match(entry_id, '^(%d+)'))
+  local aging = tonumber(o['aging'][prio_index])
+  if aging > 0 and age >= aging then return 0, age end
+  return prio_index, age
+end
+local prio_index = {}
+for i, name in ipairs({'high', 'normal', 'low'}) do prio_index[name] = i end
+
+-- leading blocks of a fingerprint that worker w advertises (holding block i implies holding
+-- every block before it, so a binary search finds the longest)
+local function held(w, chain)
+  local key, lo, hi = mp .. 'warm:' .. w, 0, #chain
+  while lo < hi do
+    local mid = math.floor((lo + hi + 1) / 2)
+    if redis.call('SISMEMBER', key, chain[mid]) == 1 then lo = mid else hi = mid - 1 end
+  end
+  return lo
+end
+local function has_room(w, cost)
+  local f = redis.call('HMGET', mp .. 'worker:' .. w, 'free', 'seqs', 'rtok', 'rjobs')
+  if not f[1] then return false end
+  local seqs = tonumber(f[2]) - math.max(0, tonumber(f[4] or '0'))
+  local tokens = tonumber(f[1]) - math.max(0, tonumber(f[3] or '0'))
+  return seqs >= 1 and tokens >= cost
+end
+-- the live worker (not this one) a queued job should wait for, or nil: the one holding the
+-- longest prefix of it, or the session's last worker on equal terms, if it has room now and
+-- holds more than this worker does. Also returns the blocks this worker holds.
+local function route(job, cost)
+  local a = redis.call('HMGET', job, 'aw', 'fp', 'session')
+  if tonumber(a[1] or '0') <= 0 then return nil, 0 end
+  local chain, score = {}, {}
+  for h in string.gmatch(a[2] or '', '%S+') do chain[#chain + 1] = h end
+  local session_worker = nil
+  if a[3] and a[3] ~= '' then session_worker = redis.call('GET', mp .. 'session:' .. a[3]) end
+  local mine = 0
+  if #chain > 0 then mine = held(consumer, chain) end
+  local best, best_score = nil, mine + (session_worker == consumer and 0.5 or 0)
+  for _, w in ipairs(redis.call('SMEMBERS', mp .. 'members')) do
+    if w ~= consumer then
+      if redis.call('EXISTS', mp .. 'worker:' .. w) == 0 then
+        redis.call('SREM', mp .. 'members', w)
+      else
+        local sc = (#chain > 0 and held(w, chain) or 0) + (w == session_worker and 0.5 or 0)
+        if sc > best_score and has_room(w, cost) then best, best_score = w, sc end
+      end
+    end
+  end
+  return best, mine
+end
+-- deliver queue q's head (job id) to worker w's consumer and put it in w's inbox
+local function reserve(q, head, id, w, cost)
+  local job = mp .. 'job:' .. id
+  local f = redis.call('HMGET', job, 'aw', 'dl')
+  local until_ms = now + tonumber(f[1])
+  local dl = tonumber(f[2] or '0')
+  if dl > 0 then until_ms = math.min(until_ms, now + math.floor(math.max(0, dl - now) / 4)) end
+  redis.call('XREADGROUP', 'GROUP', group, w, 'COUNT', 1, 'STREAMS', q, '>')
+  redis.call('HSET', job, 'rsv', w, 'rsv_at', now, 'rsv_until', until_ms, 'aff_target', w)
+  redis.call('ZADD', mp .. 'inbox:' .. w, until_ms, id)
+  redis.call('ZADD', mp .. 'reserved', until_ms, id)
+  redis.call('HINCRBY', mp .. 'worker:' .. w, 'rtok', cost)
+  redis.call('HINCRBY', mp .. 'worker:' .. w, 'rjobs', 1)
+end
+
+-- candidates: {kind, queue, entry id, job id, rank, age, cost, blocks held here}
+local cands = {}
+local function consider_reserved(id, kind)
+  local job = mp .. 'job:' .. id
+  local f = redis.call('HMGET', job, 'state', 'queue', 'entry', 'prio', 'cost', 'rsv')
+  if f[1] ~= 'queued' or not f[6] then  -- ended, or no longer reserved: a stale index entry
+    redis.call('ZREM', mp .. 'reserved', id)
+    if kind == 'mine' then redis.call('ZREM', mp .. 'inbox:' .. consumer, id) end
+    return
+  end
+  if kind == 'steal' and f[6] == consumer then return end  -- in the inbox already
+  local rank, age = rank_of(prio_index[f[4]], f[3])
+  cands[#cands + 1] = {kind, f[2], f[3], id, rank, age, tonumber(f[5]), 0}
+end
+for _, id in ipairs(redis.call('ZRANGE', mp .. 'inbox:' .. consumer, 0, 15)) do consider_reserved(id, 'mine') end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', mp .. 'reserved', '-inf', now, 'LIMIT', 0, 4)) do consider_reserved(id, 'steal') end
+for i = 1, nq do
+  local q, head, reserved = KEYS[i], head_of(KEYS[i]), 0
+  while head do
+    local fields = {}
+    for k = 1, #head[2], 2 do fields[head[2][k]] = head[2][k + 1] end
+    local id, cost = fields['job'], tonumber(fields['cost'])
+    local job = mp .. 'job:' .. id
+    if redis.call('HGET', job, 'state') ~= 'queued' then  -- ended while queued: drop it
+      redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', q, '>')
+      redis.call('XACK', q, group, head[1])
+      redis.call('XDEL', q, head[1])
+      head = head_of(q)
+    else
+      local target, mine = nil, 0
+      if reserved < 16 then target, mine = route(job, cost) end
+      if target == nil then
+        local rank, age = rank_of(i, head[1])
+        cands[#cands + 1] = {'queue', q, head[1], id, rank, age, cost, mine}
+        head = nil
+      else
+        reserve(q, head, id, target, cost)
+        reserved = reserved + 1
+        head = head_of(q)
+      end
+    end
+  end
+end
+
+local best = nil
+for _, c in ipairs(cands) do
+  if best == nil or c[5] < best[5] or (c[5] == best[5] and c[6] > best[6]) then best = c end
+end
+if best == nil then return idle_marks({'empty'}) end
+if not idle and best[7] > free then return {'full'} end
+
+local kind, q, entry, id = best[1], best[2], best[3], best[4]
+local job = mp .. 'job:' .. id
+local outcome, waited, picked = 'cold', 0, 0
+if kind == 'queue' then
+  redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', q, '>')
+  if best[8] > 0 then outcome = 'warm' end
+  redis.call('HSET', job, 'aff_target', '')
+  local sid = redis.call('HGET', job, 'session')
+  if sid and sid ~= '' and redis.call('GET', mp .. 'session:' .. sid) == consumer then outcome = 'warm' end
+else
+  redis.call('XCLAIM', q, group, consumer, 0, entry, 'JUSTID')
+  local r = redis.call('HMGET', job, 'rsv_at', 'rsv_until')
+  -- held for the warm worker (the script ends that at the wait), then until a worker pulled
+  waited, picked = math.min(now, tonumber(r[2])) - tonumber(r[1]), now - tonumber(r[1])
+  outcome = kind == 'mine' and 'warm' or 'stolen'
+end
+unqueue(mp, job)
+if past_deadline(job, now) then
+  fail(mp, id, 'expired', 'deadline_exceeded', 'the deadline passed while the job was queued', 504, group, ttl)
+  return {'skipped', id, 'expired'}
+end
+local sf = redis.call('HMGET', job, 'session', 'sttl')
+if sf[1] and sf[1] ~= '' then
+  redis.call('SET', mp .. 'session:' .. sf[1], consumer, 'PX', math.max(1000, tonumber(sf[2] or '0')))
+end
+redis.call('HSET', job, 'aff', outcome, 'aff_wait', waited, 'aff_picked', picked)
+if outcome == 'warm' and kind == 'queue' then redis.call('HSET', job, 'aff_target', consumer) end
+redis.call('HINCRBY', me, 'free', -best[7])
+redis.call('HINCRBY', me, 'seqs', -1)
+local out = claim(mp, id, consumer, now, lease)
+out[7], out[8] = outcome, waited
+-- another candidate, or a next entry in this queue (maybe a tenant's deferred job that
+-- unqueue just moved in): more is waiting
+if #cands > 1 or (kind == 'queue' and head_of(q)) then return out end
+-- nothing else is waiting: the worker may block on these marks instead of pulling again
+return idle_marks(out)
+"""
+)
+
+# KEYS: none (one model's keys, derived).  ARGV: model prefix, worker id.
+# A worker leaving (drain, stop): its reservations end now (anyone may take them), it stops
+# being a routing target, and its advertisement goes. Returns the number of jobs released.
+RELEASE = r"""
+local mp, w = ARGV[1], ARGV[2]
+local ids = redis.call('ZRANGE', mp .. 'inbox:' .. w, 0, -1)
+for _, id in ipairs(ids) do redis.call('ZADD', mp .. 'reserved', 'XX', 0, id) end
+redis.call('DEL', mp .. 'worker:' .. w, mp .. 'warm:' .. w)
+redis.call('SREM', mp .. 'members', w)
+if #ids > 0 then redis.call('XADD', mp .. 'wake', 'MAXLEN', '~', 100, '*', 'released', w) end
+return #ids
+"""
