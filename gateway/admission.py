@@ -43,9 +43,9 @@ from redis.exceptions import RedisError
 from gateway.backlog_cache import BacklogCache
 from gateway.settings import GatewaySettings
 from shared.aio import cancel_and_wait
+from shared.clock import RedisClock
 from shared.errors import InvalidRequest, Overloaded
 from shared.fleet import live_workers
-from shared.jobs import now_ms
 from shared.keys import CONSUMER_GROUP, Keys
 from shared.models import Job, JobState, Priority, WorkerInfo
 
@@ -85,6 +85,7 @@ class Admission:
         self.admitted: dict[tuple[str, Priority], deque[tuple[float, int]]] = {}
         self.backlogs = BacklogCache(redis, keys, settings.admission_backlog_max_age_s)
         self._task: asyncio.Task[None] | None = None
+        self.clock = RedisClock()  # deadlines are stamped and judged on Redis's time
 
     # --- the registry, read in the background ---------------------------------------------
     async def start(self) -> None:
@@ -105,6 +106,7 @@ class Admission:
                 log.warning("admission_refresh_failed", error=str(exc))
 
     async def refresh(self) -> None:
+        await self.clock.sync(self.redis)
         workers = await live_workers(self.redis, self.keys, self.settings.worker_ttl_s)
         self.fleets = summarize(workers, self._remembered_rates(workers))
 
@@ -198,7 +200,7 @@ class Admission:
         ahead = sum(max(0, t) for p, (t, _) in backlog.items() if p.rank <= job.priority.rank)
         wait_s = ahead / rate if rate else 0.0
         own_s = job.params.max_tokens / fleet.seq_speed if fleet.seq_speed else 0.0
-        budget_s = (job.deadline_at_ms - now_ms()) / 1000
+        budget_s = (job.deadline_at_ms - self.clock.now_ms()) / 1000
         if wait_s + own_s <= budget_s:
             return
         if own_s > budget_s:

@@ -17,8 +17,9 @@ from redis.exceptions import RedisError
 from gateway.job_events import JobEvents
 from gateway.metrics import RequestObserver
 from gateway.multiplexer import PubSubMultiplexer
+from shared.clock import RedisClock
 from shared.fleet import live_workers
-from shared.jobs import JobStore, now_ms
+from shared.jobs import JobStore
 from shared.models import Event, Job, JobState
 
 log = structlog.get_logger("slipstream.gateway")
@@ -28,6 +29,7 @@ class Dispatch:
     __slots__ = (
         "_quiet_checks",
         "cancel_on_exit",
+        "clock",
         "created",
         "events",
         "first_token_at",
@@ -54,6 +56,7 @@ class Dispatch:
         submit: bool = True,
         cancel_on_exit: bool = True,
         after_seq: int = 0,
+        clock: RedisClock | None = None,
     ) -> None:
         self.store = store
         self.job = job
@@ -61,6 +64,7 @@ class Dispatch:
         self.stall_timeout_s = stall_timeout_s
         self.worker_ttl_s = worker_ttl_s
         self.submit = submit
+        self.clock = clock or RedisClock()
         self.cancel_on_exit = cancel_on_exit
         self.events = JobEvents(store, mux, job.model, job.id, after_seq=after_seq, fresh=submit)
         self.started = False
@@ -130,7 +134,7 @@ class Dispatch:
 
     def _past_deadline(self) -> bool:
         deadline = self.job.deadline_at_ms
-        return deadline is not None and now_ms() >= deadline and not self.finished
+        return deadline is not None and self.clock.now_ms() >= deadline and not self.finished
 
     async def _expire(self) -> None:
         """The whole request's time budget is spent: stop it (an error event follows)."""

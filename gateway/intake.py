@@ -147,8 +147,13 @@ def build_job(
     settings: GatewaySettings,
     *,
     tenant: str = "anonymous",
+    now_ms: int | None = None,
 ) -> Job:
-    """The job for a validated body, checked against the gateway's limits."""
+    """The job for a validated body, checked against the gateway's limits.
+
+    ``now_ms`` is Redis's time (the scripts judge ``deadline_at_ms`` by it, so a gateway
+    whose clock is off does not shorten or stretch deadlines); the host's clock without it.
+    """
     max_tokens = body.output_budget() or min(settings.default_max_tokens, settings.max_tokens_cap)
     if max_tokens > settings.max_tokens_cap:
         raise InvalidRequest(
@@ -177,7 +182,7 @@ def build_job(
             code="context_length_exceeded",
         )
     deadline = _deadline_ms(request, body.deadline_ms)
-    now = int(time.time() * 1000)
+    now = int(time.time() * 1000) if now_ms is None else now_ms
     budget = deadline if deadline is not None else int(settings.request_timeout_s * 1000)
     return Job(
         id=uuid.uuid4().hex,

@@ -45,6 +45,7 @@ def new_dispatch(
         submit=submit,
         cancel_on_exit=cancel_on_exit,
         after_seq=after,
+        clock=state.admission.clock,
     )
 
 

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import time
-
 from redis.asyncio import Redis
 
+from shared.clock import redis_now_ms
 from shared.keys import Keys
 from shared.models import WorkerInfo
 
 
 async def live_workers(redis: Redis, keys: Keys, ttl_s: float) -> list[WorkerInfo]:
-    """Workers whose last heartbeat is younger than ``ttl_s`` (shared by status tools)."""
-    cutoff = int((time.time() - ttl_s) * 1000)
+    """Workers whose last heartbeat is younger than ``ttl_s`` by Redis's clock, the one
+    heartbeats are stamped with (shared by status tools)."""
+    cutoff = await redis_now_ms(redis) - int(ttl_s * 1000)
     ids: list[str] = await redis.zrangebyscore(keys.workers_seen, cutoff, "+inf")
     if not ids:
         return []

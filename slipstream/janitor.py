@@ -40,8 +40,9 @@ from pydantic import Field, field_validator
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from shared.clock import redis_now_ms
 from shared.fleet import known_models, live_workers
-from shared.jobs import JobStore, now_ms
+from shared.jobs import JobStore
 from shared.keys import Keys
 from shared.models import WorkerInfo
 from shared.redis import connect
@@ -202,7 +203,7 @@ async def rollup_stats(
 ) -> dict[str, dict[str, float]]:
     """Sum live workers' figures per model into ``stats(model)``; returns what it wrote."""
     workers = await live_workers(redis, keys, ttl_s)
-    now = now_ms()
+    now = await redis_now_ms(redis)
     out: dict[str, dict[str, float]] = {}
     for model in sorted(models | {w.model for w in workers}):
         mine = [w for w in workers if w.model == model]
@@ -260,7 +261,7 @@ def _janitor(ctx: dict[str, Any]) -> Janitor:
 async def task_clean_workers(ctx: dict[str, Any]) -> list[str]:
     j = _janitor(ctx)
     age_ms = int(j.settings.dead_worker_factor * j.settings.worker_ttl_s * 1000)
-    dead = await clean_dead_workers(j.redis, j.keys, now_ms() - age_ms)
+    dead = await clean_dead_workers(j.redis, j.keys, await redis_now_ms(j.redis) - age_ms)
     await j.record(ctx, "clean_workers", dead)
     return dead
 

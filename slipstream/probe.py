@@ -14,7 +14,7 @@ import socket
 
 from redis.exceptions import RedisError
 
-from shared.jobs import now_ms
+from shared.clock import redis_now_ms
 from shared.keys import Keys
 from shared.models import WorkerInfo
 from shared.redis import connect
@@ -38,11 +38,11 @@ async def check_worker(
             redis.hgetall(Keys(settings.prefix).workers),  # type: ignore[arg-type]
             3.0,
         )
+        now = await asyncio.wait_for(redis_now_ms(redis), 3.0)  # beats carry Redis's time
     except (RedisError, OSError, TimeoutError) as exc:
         return redis_down_ok, f"redis unreachable: {exc}"
     finally:
         await redis.aclose()
-    now = now_ms()
     for raw in rows.values():
         try:
             info = WorkerInfo.model_validate_json(raw)

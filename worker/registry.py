@@ -8,7 +8,7 @@ import uuid
 
 from redis.asyncio import Redis
 
-from shared.jobs import now_ms
+from shared.clock import redis_now_ms
 from shared.keys import Keys
 from shared.models import WorkerInfo
 
@@ -26,7 +26,10 @@ class Registry:
         self.info = info
 
     async def beat(self, **changes: object) -> None:
-        info = self.info.model_copy(update={**changes, "heartbeat_at_ms": now_ms()})
+        """Stamped with Redis's time, which every reader judges it by: this host's clock may
+        run ahead or behind without the worker looking fresher or dead."""
+        now = await redis_now_ms(self.redis)
+        info = self.info.model_copy(update={**changes, "heartbeat_at_ms": now})
         self.info = info
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(self.keys.workers, info.id, info.model_dump_json())

@@ -72,7 +72,13 @@ async def accept(request: Request, kind: Kind | None) -> tuple[GatewayState, Job
         parse(ChatCompletionRequest, data) if kind == "chat" else parse(CompletionRequest, data)
     )
     request.state.model = body.model  # labels an admission rejection's metric
-    job = build_job(request, body, state.settings, tenant=tenant_of(request))
+    job = build_job(
+        request,
+        body,
+        state.settings,
+        tenant=tenant_of(request),
+        now_ms=state.admission.clock.now_ms(),
+    )
     job.include_usage = bool(body.stream_options and body.stream_options.include_usage)
     authorize(request, job)  # 403 for a model the key may not use; priority ceiling
     await ensure_known_model(state, job.model)
