@@ -110,6 +110,8 @@ for i, name in ipairs({'high', 'normal', 'low'}) do prio_index[name] = i end
 -- every block before it, so a binary search finds the longest)
 local function held(w, chain)
   local key, lo, hi = mp .. 'warm:' .. w, 0, #chain
+  if redis.call('SISMEMBER', key, chain[1]) == 0 then return 0 end  -- most workers: one call
+  lo = 1
   while lo < hi do
     local mid = math.floor((lo + hi + 1) / 2)
     if redis.call('SISMEMBER', key, chain[mid]) == 1 then lo = mid else hi = mid - 1 end
