@@ -3,6 +3,7 @@
 #   redis-server: the meeting point of gateway and workers (tests start their own)
 #   chromium:     headless browser for the dashboard test
 #   iproute2:     network namespaces for the multi-host test (ip netns)
+#   faketime:     libfaketime, hosts whose clocks are off by ±30 s (tests/faults/test_clock_skew.py)
 # Usage: scripts/install-system-deps.sh [extra packages...]
 set -euo pipefail
 packages=(redis-server "$@")
