@@ -59,7 +59,7 @@ class Plan:
         "nginx-hash",
     )
     warm_load: float = 0.85  # of the fleet's capacity with every prompt token prefilled
-    warm_duration_s: float = 45.0  # conversation arrivals; the last ones run on after it
+    warm_duration_s: float = 30.0  # conversation arrivals; the last ones run on after it
     warm_cache_tokens: int = 32768  # each simulated engine's prefix cache
     warm_system_tokens: int = 1000
     warm_answer_tokens: tuple[int, int] = (20, 170)

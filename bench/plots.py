@@ -166,12 +166,22 @@ def fleet_png(results: dict[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
+SHORT = {
+    "oracle-warm": "oracle",
+    "slipstream-blind": "Slipstream\ncache-blind",
+    "slipstream-warm": "Slipstream\nwarm-aware",
+    "nginx-rr": "nginx\nround-robin",
+    "haproxy": "haproxy\nleastconn",
+    "nginx-hash": "nginx\nsticky hash",
+}
+
+
 def warm_png(results: dict[str, Any], path: Path) -> None:
     section = results.get("warm")
     if not section or not section.get("arms"):
         return
     arms = {n: a for n, a in section["arms"].items() if "failed" not in a}
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.4), width_ratios=[1.1, 1, 1])
     for name, arm in arms.items():
         values = arm.get("ttft_samples", {}).get("later") or []
         if values:
@@ -192,15 +202,15 @@ def warm_png(results: dict[str, Any], path: Path) -> None:
     a.grid(alpha=0.3)
     a.legend(fontsize=7)
     names = list(arms)
-    labels = [LABELS.get(n, n).replace(" (", "\n(") for n in names]
+    labels = [SHORT.get(n, n) for n in names]
     xs = range(len(names))
     b.bar(
         xs,
         [arms[n].get("hit_ratio_pct") or 0 for n in names],
         color=[COLORS.get(n, "#888888") for n in names],
     )
-    b.set_xticks(xs, labels, fontsize=7, rotation=30, ha="right")
-    b.set_ylabel("% of prompt tokens reused (cached_tokens / prompt_tokens)")
+    b.set_xticks(xs, labels, fontsize=7)
+    b.set_ylabel("cached_tokens / prompt_tokens (%)")
     b.set_title("Prefix-cache hit ratio")
     b.grid(alpha=0.3, axis="y")
     workers = sorted({w for n in names for w in arms[n].get("per_worker", {})})
@@ -213,10 +223,10 @@ def warm_png(results: dict[str, Any], path: Path) -> None:
             share.append(100 * per.get(w, {}).get("requests", 0) / total)
         c.bar(xs, share, bottom=bottom, label=w)
         bottom = [x + y for x, y in zip(bottom, share, strict=True)]
-    c.set_xticks(xs, labels, fontsize=7, rotation=30, ha="right")
+    c.set_xticks(xs, labels, fontsize=7)
     c.set_ylabel("% of turns")
     c.set_title("Turns per worker")
-    c.legend(fontsize=7)
+    c.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     _save(fig, path)
 
 
