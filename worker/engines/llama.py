@@ -124,6 +124,15 @@ class LlamaEngine:
             self.model.close()
             self.model = None
 
+    async def clear_cache(self) -> None:
+        """Forget every cached prefix, once no sequence runs (a fresh cell layout)."""
+        sched = self.sched
+        if sched is not None:
+            sched.cleared.clear()
+            sched.clear_requested.set()
+            sched.inbox.put(None)  # wake it
+            await asyncio.to_thread(sched.cleared.wait, 30)
+
     def _warm_changed(self, chain: list[str], held: bool) -> None:
         """From the scheduler thread: apply on the loop (the worker reads it there)."""
         if self.loop is not None:

@@ -38,7 +38,9 @@ class LlamaModel:
 
     def __init__(self, path: str) -> None:
         import llama_cpp
+        from llama_cpp import _logger
 
+        _logger.set_verbose(False)  # llama.cpp's load chatter: errors only
         llama_cpp.llama_backend_init()
         params = llama_cpp.llama_model_default_params()
         model = llama_cpp.llama_model_load_from_file(path.encode(), params)

@@ -115,6 +115,8 @@ class Scheduler:
         self.thread = threading.Thread(target=self.run, name="llama-scheduler", daemon=True)
         self.stopping = False
         self.steps = 0
+        self.clear_requested = threading.Event()
+        self.cleared = threading.Event()
 
     # --- any thread -----------------------------------------------------------------------
     def start(self) -> None:
@@ -145,6 +147,8 @@ class Scheduler:
         while not self.stopping:
             self._collect(block=not self.running)
             self._drop_cancelled()
+            if self.clear_requested.is_set() and not self.running:
+                self._clear()
             self._admit()
             if self.running:
                 try:
@@ -153,6 +157,14 @@ class Scheduler:
                     self._fail_all(exc)
         for seq in [*self.running, *self.pending]:
             seq.emit(EngineError("llama engine closed", code="engine_unavailable", status=503))
+
+    def _clear(self) -> None:
+        """Drop every cached prefix and reset the cache's layout (idle only)."""
+        for entry in list(self.cache.entries.values()):
+            self._drop_entry(entry)
+        self.ctx.clear_cache()
+        self.clear_requested.clear()
+        self.cleared.set()
 
     def _collect(self, *, block: bool) -> None:
         try:
