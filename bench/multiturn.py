@@ -584,8 +584,28 @@ async def _run_arm(
 def _summary(results: list[TurnResult], plan: Any, work: Workload) -> dict[str, Any]:
     planned = sum(len(c.users) for c in work.conversations)
     return summarize_turns(results, planned, work.spec.duration_s, plan.warm_ttft_goal_ms) | {
-        "ttft_samples": {"first": _sample(results, False), "later": _sample(results, True)}
+        "ttft_samples": {"first": _sample(results, False), "later": _sample(results, True)},
+        "slowest_later": _slowest(results),
     }
+
+
+def _slowest(results: list[TurnResult], n: int = 12) -> list[dict[str, Any]]:
+    """The later turns with the longest TTFT: where each ran and what it found cached."""
+    later = [r for r in results if r.served and r.turn > 0 and r.ttft_ms is not None]
+    later.sort(key=lambda r: -(r.ttft_ms or 0))
+    return [
+        {
+            "conv": r.conv,
+            "turn": r.turn,
+            "at_s": r.at_s,
+            "ttft_ms": round(r.ttft_ms or 0, 1),
+            "backend": r.backend,
+            "prompt_tokens": r.prompt_tokens,
+            "cached_tokens": r.cached_tokens,
+            "affinity": r.affinity,
+        }
+        for r in later[:n]
+    ]
 
 
 def arms_of(plan: Any) -> list[str]:
