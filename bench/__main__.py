@@ -4,6 +4,7 @@ python -m bench quick                    # ~10 min; writes docs/benchmarks.md + 
 python -m bench full                     # the long version (same outputs)
 python -m bench smoke --out /tmp/smoke   # seconds; the CI check that the harness works
 python -m bench quick --only overhead,balance --reps 3 --seed 7
+python -m bench full --only warm         # warm state (issue 11): only its block of the report
 python -m bench report bench/results/quick-latest.json   # re-render from saved results
 """
 
