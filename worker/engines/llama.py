@@ -229,12 +229,14 @@ class LlamaEngine:
                     text += stops.flush()
                 yield text
                 if stops.stopped:
+                    seq.cancel(keep=True)  # a whole answer: its cells are worth keeping
                     return
             tail = stops.flush()  # end of sequence with text held back
             if tail:
                 yield tail
         finally:
-            seq.cancel()  # no-op once it finished; else the scheduler drops it next step
+            if not seq.cancelled:  # no-op once it finished; else the scheduler drops it
+                seq.cancel()
 
 
 def chat_formatter(model: LlamaModel) -> Any:

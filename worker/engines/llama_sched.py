@@ -74,13 +74,15 @@ class Seq:
     shared_from: Entry | None = None
     shared: int = 0
     cancelled: bool = False
+    keep: bool = False  # when cancelled: cache its cells anyway (it ended at a stop string)
     text: list[str] = field(default_factory=list)
     sampler: Sampler | None = None
     decoder: codecs.IncrementalDecoder = field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
     )
 
-    def cancel(self) -> None:
+    def cancel(self, *, keep: bool = False) -> None:
+        self.keep = keep
         self.cancelled = True
 
     @property
@@ -178,7 +180,7 @@ class Scheduler:
 
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self.running if s.cancelled]:
-            self._release(seq, keep=False)
+            self._release(seq, keep=seq.keep and not seq.prefilling)
         for seq in [s for s in self.pending if s.cancelled]:
             self.pending.remove(seq)
             self._admitted()
