@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -185,7 +186,11 @@ class JobStore:
         aging_ms: dict[Priority, int],
         max_deliveries: int,
         worker_ttl_ms: int = 5000,
+        pull_id: str | None = None,
     ) -> PullResult:
+        """Claim one job that fits, or say why not. ``pull_id`` names this call (a fresh one
+        by default): when redis-py replays it after a lost reply, ``PULL`` returns the claim it
+        made then instead of claiming a second job."""
         k = self.keys
         options = {
             "group": CONSUMER_GROUP,
@@ -199,6 +204,7 @@ class JobStore:
             "max_deliveries": max_deliveries,
             "aging": [aging_ms.get(p, 0) for p in Priority.ordered()],
             "worker_ttl": worker_ttl_ms,
+            "pull": pull_id or uuid.uuid4().hex,
         }
         reply = await self._pull(keys=[*k.queues(model), k.wake(model)], args=[json.dumps(options)])
         kind = reply[0]
@@ -231,9 +237,13 @@ class JobStore:
         new_tokens: int,
         terminal: JobState | None = None,
     ) -> bool:
-        """Log and publish a batch if the caller still holds the job; False when fenced off."""
+        """Log and publish a batch if the caller still holds the job; False when fenced off.
+
+        True also when Redis had applied this very write already (a replay after a lost
+        reply: nothing is appended twice), False when the batch does not start at the job's
+        next sequence number."""
         keys, args = self._emit_call(Emit(claimed, batch, new_tokens, terminal))
-        return bool(await self._emit(keys=keys, args=args))
+        return _written(await self._emit(keys=keys, args=args))
 
     async def emit_many(self, emits: Sequence[Emit]) -> list[bool | Exception]:
         """Several jobs' batches in one round trip (a pipeline of ``EMIT`` calls by hash);
@@ -253,7 +263,7 @@ class JobStore:
                 if isinstance(reply, NoScriptError) and attempt == 0:
                     missing.append(i)
                 else:
-                    results[i] = reply if isinstance(reply, Exception) else bool(reply)
+                    results[i] = reply if isinstance(reply, Exception) else _written(reply)
             if not missing:
                 break
             await self.redis.script_load(lua.EMIT)
@@ -261,7 +271,11 @@ class JobStore:
         return results
 
     def _emit_call(self, emit: Emit) -> tuple[list[str], list[str | int]]:
-        job, k = emit.claimed.job, self.keys
+        job, k, events = emit.claimed.job, self.keys, emit.batch.events
+        # the job's seq before this batch: its first numbered event is the next one (a
+        # ``started`` event repeats the seq before it)
+        numbered = [e.s for e in events if e.t != "started"]
+        before = numbered[0] - 1 if numbered else events[-1].s
         keys = [k.job(job.model, job.id), k.job_log(job.model, job.id)]
         args: list[str | int] = [
             emit.claimed.fence,
@@ -274,6 +288,7 @@ class JobStore:
             CONSUMER_GROUP,
             k.model_prefix(job.model),
             job.id,
+            before,
         ]
         return keys, args
 
@@ -304,6 +319,12 @@ class JobStore:
             args=[claimed.fence, job.id],
         )
         return bool(ok)
+
+
+def _written(reply: Any) -> bool:
+    """``EMIT``'s reply: 1 written, 2 written already (a replay), 0 fenced off, -1 out of
+    sequence."""
+    return int(reply) in (1, 2)
 
 
 __all__ = [

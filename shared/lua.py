@@ -125,6 +125,11 @@ ENQUEUE = (
     + _HELPERS
     + r"""
 local mp, cost, tenant, quantum = ARGV[9], tonumber(ARGV[3]), ARGV[7], tonumber(ARGV[8])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  -- a replay (the client retried after the reply was lost) or the same id again: the job is
+  -- in already; a second entry would run it twice and count its backlog and share twice
+  return redis.call('HGET', KEYS[1], 'entry')
+end
 if redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[5], '0', 'MKSTREAM')
 end
@@ -157,16 +162,24 @@ return entry
 
 # KEYS: job hash, job log.
 # ARGV: fence, channel, batch JSON, last seq, new tokens, ttl ms, terminal state or '', group,
-#       model prefix, job id.
-# Returns 1, or 0 when the write is fenced off (lease lost, job cancelled or finished).
+#       model prefix, job id, the job's seq before this batch (the batch's first numbered
+#       event is the next one).
+# Returns 1 when written; 2 when this very write was applied already (a replay: the client
+# retried after the reply was lost; nothing is appended again); 0 when fenced off (lease lost,
+# job cancelled or finished); -1 when the batch does not start at the job's next sequence
+# number (nothing written). ``lastw`` = "fence:last seq" of the job's latest write names it:
+# within one fence every write ends at a higher seq (only a first, ``started``-only batch ends
+# at the claim's seq), so a replay is recognised even after its terminal write ended the job.
 EMIT = (
     _HELPERS
     + r"""
-if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then
-  return 0
-end
+local f = redis.call('HMGET', KEYS[1], 'fence', 'state', 'seq', 'lastw')
+local mark = ARGV[1] .. ':' .. ARGV[4]
+if f[1] == ARGV[1] and f[4] == mark then return 2 end
+if f[1] ~= ARGV[1] or f[2] ~= 'running' then return 0 end
+if tonumber(f[3]) ~= tonumber(ARGV[11]) then return -1 end
 emit(KEYS[2], ARGV[2], ARGV[3], tonumber(ARGV[6]))
-redis.call('HSET', KEYS[1], 'seq', ARGV[4])
+redis.call('HSET', KEYS[1], 'seq', ARGV[4], 'lastw', mark)
 redis.call('HINCRBY', KEYS[1], 'ntok', ARGV[5])
 if ARGV[7] ~= '' then finish(ARGV[9], ARGV[10], ARGV[7], ARGV[8]) end
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
@@ -177,7 +190,8 @@ return 1
 # KEYS: job hash.
 # ARGV: model prefix, job id, new state (cancelled|expired|failed), code, message, status,
 #       ttl ms, group, control channel.
-# Returns the state the job is in afterwards ('missing' when there is no such job).
+# Returns the state the job is in afterwards ('missing' when there is no such job). A replay
+# finds the job terminal: it changes nothing and returns the same state.
 CANCEL = (
     _HELPERS
     + r"""
@@ -193,7 +207,8 @@ return ARGV[3]
 
 # KEYS: the leases set, then job hashes.  ARGV: lease ms, then (job id, fence) pairs.
 # The lease ends ``lease ms`` after now by Redis's clock. Returns one 1/0 per job: 0 means the
-# lease is lost (fenced, cancelled or finished).
+# lease is lost (fenced, cancelled or finished). A replay only sets the same leases again
+# (ending a few ms later): nothing is counted.
 RENEW = r"""
 local t = redis.call('TIME')
 local lease_until = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
@@ -214,11 +229,14 @@ return out
 # KEYS: job hash, leases set, wake stream.  ARGV: fence, job id.
 # A draining worker gives a job back for immediate takeover (its lease ends now, and the
 # delivery does not count towards the poison limit). Returns 1, or 0 if no longer ours.
+# ``handback`` records the fence handed back: a replay returns 1 again and changes nothing
+# (the delivery is taken off once, the wake stream pinged once), even after a takeover.
 HANDBACK = r"""
+if redis.call('HGET', KEYS[1], 'handback') == ARGV[1] then return 1 end
 if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then
   return 0
 end
-redis.call('HSET', KEYS[1], 'lease_until', 0)
+redis.call('HSET', KEYS[1], 'lease_until', 0, 'handback', ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'deliveries', -1)
 redis.call('ZADD', KEYS[2], 0, ARGV[2])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100, '*', 'handback', ARGV[2])

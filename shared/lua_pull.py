@@ -10,7 +10,11 @@ from shared.lua import _HELPERS
 # KEYS: the model's queues (highest priority first), then its wake stream.
 # ARGV[1]: JSON options: ``group``, ``consumer``, ``free`` tokens, ``seqs`` free sequence
 #   slots, ``idle`` (bool), ``prefix`` (the model's), ``lease`` ms, ``ttl`` ms,
-#   ``max_deliveries``, ``aging`` (ms per queue, 0 = never promoted), ``worker_ttl`` ms.
+#   ``max_deliveries``, ``aging`` (ms per queue, 0 = never promoted), ``worker_ttl`` ms,
+#   ``pull`` (an id per pull call, the same when the client replays it; optional).
+# A replay of a pull that claimed a job (the reply was lost, the client retried) returns that
+# claim again instead of claiming a second job: the worker hash keeps the last pull id, job
+# and fence (``pull_id``, ``pull_job``, ``pull_fence``).
 # Order: an expired lease (takeover) first; then, by priority with aging (oldest first among
 # equals), the jobs reserved for this worker, reservations whose wait ended (stolen), and the
 # queue heads. A queue head that another live worker with room holds warm (or served the
@@ -29,6 +33,28 @@ local group, consumer, mp = o['group'], o['consumer'], o['prefix']
 local free, idle, lease, ttl = tonumber(o['free']), o['idle'], tonumber(o['lease']), tonumber(o['ttl'])
 local now, nq = redis_now(), #KEYS - 1
 local me = mp .. 'worker:' .. consumer
+local pull_id = o['pull']
+if type(pull_id) == 'string' and pull_id ~= '' then
+  local last = redis.call('HMGET', me, 'pull_id', 'pull_job', 'pull_fence', 'pull_out', 'pull_wait')
+  if last[1] == pull_id then
+    -- a replay: nothing is claimed or counted again; the job claimed then, if still ours
+    local job = mp .. 'job:' .. last[2]
+    local j = redis.call('HMGET', job, 'state', 'owner', 'fence', 'payload', 'seq', 'ntok')
+    if j[1] == 'running' and j[2] == consumer and j[3] == last[3] then
+      return {'job', last[2], j[4], tonumber(j[3]), j[5], j[6], last[4], tonumber(last[5])}
+    end
+    return {'skipped', last[2], tostring(j[1])}
+  end
+else
+  pull_id = nil
+end
+local function remember(out)  -- the claim a replay of this pull returns
+  if pull_id then
+    redis.call('HSET', me, 'pull_id', pull_id, 'pull_job', out[2], 'pull_fence', out[4],
+      'pull_out', out[7], 'pull_wait', out[8])
+  end
+  return out
+end
 redis.call('HSET', me, 'free', free, 'seqs', o['seqs'])
 redis.call('PEXPIRE', me, o['worker_ttl'])
 redis.call('SADD', mp .. 'members', consumer)
@@ -58,7 +84,7 @@ if #expired > 0 then
   redis.call('XCLAIM', q, group, consumer, 0, entry, 'JUSTID')
   local out = claim(mp, id, consumer, now, lease)
   out[7], out[8] = 'takeover', 0
-  return out
+  return remember(out)
 end
 
 -- the first entry of queue q not yet delivered to the group (nil when there is none)
@@ -247,6 +273,7 @@ redis.call('HINCRBY', me, 'free', -best[7])
 redis.call('HINCRBY', me, 'seqs', -1)
 local out = claim(mp, id, consumer, now, lease)
 out[7], out[8] = outcome, waited
+remember(out)
 -- another candidate, or a next entry in this queue (maybe a tenant's deferred job that
 -- unqueue just moved in): more is waiting
 if #cands > 1 or (kind == 'queue' and head_of(q)) then return out end
