@@ -148,14 +148,10 @@ async def test_cancel_mid_batch_frees_cells_and_others_go_on(engine: LlamaEngine
         if engine.sched.reserved < held - 300:
             break
         await asyncio.sleep(0.01)
-    assert engine.sched.reserved < held - 300  # its cells (prompt + 400) are free at once
+    assert engine.sched.reserved < held - 300  # its reservation (prompt + 400) is free at once
     assert not all(t.done() for t in others)
-    done = await asyncio.gather(*others)
-    assert [len(t) for t in done] == [30, 30]  # they went on to their full length
-    # Not asserted: bitwise equality with the solo runs. The freed cells are reused by the
-    # others' next tokens, out of position order, and the flash-attention sums then differ in
-    # the last bits (docs/reliability.md, "Determinism of the llama engine").
-    assert all(e[:10] == "".join(t)[:10] for e, t in zip(expected, done, strict=True))
+    assert ["".join(t) for t in await asyncio.gather(*others)] == expected
+    assert engine.sched.holes == 0  # its cells went to the prefix cache, not into holes
 
 
 async def test_prompt_larger_than_free_cells_waits() -> None:
@@ -164,13 +160,15 @@ async def test_prompt_larger_than_free_cells_waits() -> None:
     await eng.start()
     try:
         assert eng.capacity() == (512, 4)
-        expected = "".join(await pieces(eng, GenerationRequest(job(LONG, max_tokens=8))))
-        hog = asyncio.create_task(pieces(eng, GenerationRequest(job(PROMPTS[0], max_tokens=300))))
+        big_prompt = LONG  # about 160 tokens: more than the cells the hog leaves
+        expected = "".join(await pieces(eng, GenerationRequest(job(big_prompt, max_tokens=8))))
+        hog_job = job(LONG * 2, max_tokens=40)  # about 320 + 40 cells of 512
+        hog = asyncio.create_task(pieces(eng, GenerationRequest(hog_job)))
         await asyncio.sleep(0.5)
-        assert eng.sched is not None and eng.sched.reserved > 300
+        assert eng.sched is not None and eng.sched.reserved > 340
         assert eng.has_room()  # a slot and some cells are free...
         started = time.perf_counter()
-        big = await pieces(eng, GenerationRequest(job(LONG, max_tokens=8)))  # ...not enough
+        big = await pieces(eng, GenerationRequest(job(big_prompt, max_tokens=8)))  # not enough
         assert hog.done()  # it ran only once the hog finished and freed its cells
         assert "".join(big) == expected
         assert time.perf_counter() - started > 0.5

@@ -33,7 +33,7 @@ from worker.settings import LlamaSettings
 from worker.stops import StopMatcher
 from worker.warm import WarmPrefixes
 
-CACHE_SEQS = 16  # sequence ids for cached prefixes
+CACHE_SEQS = 32  # sequence ids for cached prefixes
 
 
 def default_threads(threads: int = 0, cores: int | None = None) -> int:
@@ -229,14 +229,12 @@ class LlamaEngine:
                     text += stops.flush()
                 yield text
                 if stops.stopped:
-                    seq.cancel(keep=True)  # a whole answer: its cells are worth keeping
                     return
             tail = stops.flush()  # end of sequence with text held back
             if tail:
                 yield tail
         finally:
-            if not seq.cancelled:  # no-op once it finished; else the scheduler drops it
-                seq.cancel()
+            seq.cancel()  # no-op once it finished; else the scheduler ends it next step
 
 
 def chat_formatter(model: LlamaModel) -> Any:

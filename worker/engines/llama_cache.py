@@ -60,14 +60,6 @@ class PrefixCache:
     def take_sid(self) -> int | None:
         return self.free_sids.pop() if self.free_sids else None
 
-    def redundant(self, entry: Entry) -> list[Entry]:
-        """Entries that are prefixes of ``entry`` (it holds their cells too)."""
-        return [
-            e
-            for e in self.entries.values()
-            if len(e.tokens) <= len(entry.tokens) and entry.tokens[: len(e.tokens)] == e.tokens
-        ]
-
     def put(self, entry: Entry) -> None:
         self.entries[entry.sid] = entry
 

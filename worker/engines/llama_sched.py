@@ -32,7 +32,7 @@ from worker.engines.llama_sampling import Sampler
 
 ROW_ALIGN = 8
 MAX_ROWS = 56
-MIN_CACHED = 16  # shorter finished sequences are not worth a cache entry
+MIN_CACHED = 1  # every ended sequence's cells go to the cache (freeing them mid-batch makes holes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,15 +74,13 @@ class Seq:
     shared_from: Entry | None = None
     shared: int = 0
     cancelled: bool = False
-    keep: bool = False  # when cancelled: cache its cells anyway (it ended at a stop string)
     text: list[str] = field(default_factory=list)
     sampler: Sampler | None = None
     decoder: codecs.IncrementalDecoder = field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
     )
 
-    def cancel(self, *, keep: bool = False) -> None:
-        self.keep = keep
+    def cancel(self) -> None:
         self.cancelled = True
 
     @property
@@ -117,6 +115,7 @@ class Scheduler:
         self.thread = threading.Thread(target=self.run, name="llama-scheduler", daemon=True)
         self.stopping = False
         self.steps = 0
+        self.holes = 0  # cells freed while sequences ran (their later cells may go out of order)
         self.clear_requested = threading.Event()
         self.cleared = threading.Event()
 
@@ -151,6 +150,8 @@ class Scheduler:
             self._drop_cancelled()
             if self.clear_requested.is_set() and not self.running:
                 self._clear()
+            if not self.running:
+                self._trim()
             self._admit()
             if self.running:
                 try:
@@ -180,7 +181,7 @@ class Scheduler:
 
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self.running if s.cancelled]:
-            self._release(seq, keep=seq.keep and not seq.prefilling)
+            self._release(seq, keep=True)
         for seq in [s for s in self.pending if s.cancelled]:
             self.pending.remove(seq)
             self._admitted()
@@ -220,6 +221,7 @@ class Scheduler:
                 seq.reserved += seq.shared
                 seq.shared_from = None
         self.ctx.seq_rm(entry.sid)
+        self.holes += 1 if self.running else 0
         self.cache.remove(entry)
         if entry.chain:
             self.warm(entry.chain, False)
@@ -326,14 +328,16 @@ class Scheduler:
         output = "".join(seq.text)
         cuts = [i for i in (output.find(s) for s in seq.plan.stops if s) if i >= 0]
         entry.chain = block_hashes(seq.plan.text + (output[: min(cuts)] if cuts else output))
-        for old in self.cache.redundant(entry):
-            self._drop_entry(old)
         self.cache.put(entry)
         if entry.chain:
             self.warm(entry.chain, True)
-        while self.cache.entries and (
-            self.cache.cells > self.cache.budget or self.free_cells() < self.cache.cells
-        ):
+
+    def _trim(self) -> None:
+        """Idle: evict cached prefixes (LRU) down to the cache's share of the cells. Evicting
+        while sequences run would leave holes their next tokens could fall into, out of
+        position order; so while busy the cache may use any cell no sequence reserved, and
+        gives cells back only when a new sequence needs them."""
+        while self.cache.entries and self.cache.cells > self.cache.budget:
             victim = self.cache.oldest()
             assert victim is not None
             self._drop_entry(victim)
