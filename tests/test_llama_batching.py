@@ -11,11 +11,10 @@ import pytest_asyncio
 
 from shared.models import ChatMessage
 from shared.prefix import block_hashes
+from tests.test_engine_llama import job, pieces
 from worker.engine import GenerationRequest
 from worker.engines.llama import LlamaConfig, LlamaEngine
 from worker.engines.llama_sched import MAX_ROWS
-
-from tests.test_engine_llama import job, pieces
 
 pytestmark = [pytest.mark.llama, pytest.mark.asyncio(loop_scope="module")]
 
