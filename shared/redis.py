@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry  # not redis.retry's: its sync loop never retries a coroutine
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 
 def connect(
@@ -20,7 +20,8 @@ def connect(
 
     ``socket_timeout`` bounds every reply; blocking commands pass a smaller ``BLOCK`` than it.
     Connection errors are retried with equal-jitter backoff so that a fleet reconnecting after
-    a Redis restart does not arrive as one herd.
+    a Redis restart does not arrive as one herd. A retry may replay a command that already ran
+    (only its reply was lost): every Lua script is safe to repeat (``shared/lua.py``).
     """
     retry = Retry(EqualJitterBackoff(cap=2.0, base=0.05), retries=6)
     # Blocking: a burst of more concurrent commands than connections waits for a free one
