@@ -73,7 +73,7 @@ def old_slots_rate(model_path: str, n: int, max_tokens: int) -> float:
     counts = [0] * n
 
     def decode(i: int) -> None:
-        llm = llms[i]
+        llm: Any = llms[i]
         llm.reset()
         tokens = llm.tokenize(PROMPTS[i % len(PROMPTS)].encode())
         for _ in llm.generate(
