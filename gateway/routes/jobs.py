@@ -40,9 +40,14 @@ async def find_job(state: GatewayState, request: Request, job_id: str) -> Job:
 )
 async def submit_job(request: Request) -> JSONResponse:
     state, job, _ = await accept(request, None)
-    existing = await claim_idempotency_key(state, request, job)
+    existing, binding = await claim_idempotency_key(state, request, job)
     if existing is None:
-        await state.store.enqueue(job)
+        try:
+            await state.store.enqueue(job)
+        except BaseException:
+            if binding is not None:  # a failed enqueue frees the key for the client's retry
+                await binding.release_unless_enqueued(state, job)
+            raise
     job = existing or job
     body = {"id": job.id, "object": "slipstream.job", "model": job.model, "status": "queued"}
     headers = {"X-Request-Id": job.request_id, "X-Slipstream-Job-Id": job.id}
