@@ -38,7 +38,8 @@ class EmitBatcher:
         new_tokens: int,
         terminal: JobState | None = None,
     ) -> bool:
-        """Like ``JobStore.emit``: True once logged and published, False when fenced off."""
+        """Like ``JobStore.emit``: True once logged and published (also when Redis answers
+        that a replay of this write found it applied already), False when fenced off."""
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.waiting.append((Emit(claimed, batch, new_tokens, terminal), done))
         if self.writer is None or self.writer.done():

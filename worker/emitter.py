@@ -44,8 +44,9 @@ class EventEmitter:
     token goes out at once; later tokens that arrive while a batch is being written, or within
     ``interval_s`` of the previous write, ride in the next batch; the end takes whatever is
     still waiting into the terminal write. Order is preserved because one task writes at a
-    time. A write the store refuses (the fence moved: lease lost, job cancelled) raises
-    ``LeaseLost``.
+    time. A write the store refuses (the fence moved: lease lost, job cancelled; or the batch
+    is not the job's next) raises ``LeaseLost``; a write the client replayed after a lost reply
+    counts as written (``EMIT`` answers "already applied").
     """
 
     def __init__(
