@@ -48,7 +48,7 @@ PROMPTS = [
     "Tell the history of the printing press in a few paragraphs.",
     "Describe the life cycle of a butterfly.",
 ]
-PREFIX = "Background notes on the coastal weather station and its instruments. " * 110
+PREFIX = "Background notes on the coastal weather station and its instruments. " * 135
 
 
 def job(prompt: str, max_tokens: int) -> Job:
