@@ -2,7 +2,7 @@
 
     python -m bench.llama_compare --runs 7 --max-tokens 64
 
-Starts its own redis-server, a gateway and one ``llama`` worker (1 slot, ``--threads``) on
+Starts its own redis-server, a gateway and one ``llama`` worker (1 sequence, ``--threads``) on
 loopback, loads the same GGUF in this process for the direct runs, and alternates direct and
 gateway runs so both see the same machine. Prints JSON and writes docs/llama_benchmark.md.
 Time to first token through the gateway is measured by the client: request sent -> first
@@ -28,6 +28,7 @@ from bench.llama_direct import DEFAULT_PROMPT, one_run
 from tests.helpers import free_port, start_redis, wait_for_port
 
 MODEL = "gemma-3-270m"
+BATCHING_MARK = "<!-- llama_batching -->"
 
 
 async def gateway_run(base: str, prompt: str, max_tokens: int) -> dict[str, float]:
@@ -66,7 +67,7 @@ def start_stack(redis_url: str, port: int, threads: int) -> list[subprocess.Pope
             "llama",
             "--model",
             MODEL,
-            "--slots",
+            "--max-seqs",
             "1",
             "--threads",
             str(threads),
@@ -170,8 +171,11 @@ def main() -> None:
     args = parser.parse_args()
     result = asyncio.run(compare(args.runs, args.max_tokens, args.prompt, args.threads))
     print(json.dumps(result))
-    if args.write:
-        Path(args.write).write_text(markdown(result))
+    if args.write:  # keeps the batching section (bench.llama_batching) below its marker
+        path = Path(args.write)
+        old = path.read_text() if path.exists() else ""
+        rest = old[old.index(BATCHING_MARK) :] if BATCHING_MARK in old else ""
+        path.write_text(markdown(result) + ("\n" + rest if rest else ""))
 
 
 if __name__ == "__main__":
