@@ -165,7 +165,7 @@ def warm_rows(results: dict[str, Any]) -> list[Row]:
             (
                 f"Later-turn TTFT p50 at load {load} vs Slipstream cache-blind",
                 "≥ 3x lower",
-                f"{warm_p50:.0f} vs {blind_p50:.0f} ms ({blind_p50 / warm_p50:.1f}x lower)",
+                f"{warm_p50:.1f} vs {blind_p50:.1f} ms ({blind_p50 / warm_p50:.2f}x lower)",
                 _verdict(warm_p50 * 3 <= blind_p50),
             )
         )
