@@ -7,6 +7,7 @@ and the report is written — not the performance figures, which ``make bench`` 
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -46,7 +47,7 @@ def test_multiturn_trace_is_seeded_and_grows_each_turn() -> None:
         assert 3 <= len(conv.users) <= 10
         prompts = [p for p, _ in turn_shapes([conv])]
         assert 900 <= prompts[0] <= 1300  # ~1,000-token system prompt + the first message
-        assert all(50 <= b - a <= 400 for a, b in zip(prompts, prompts[1:], strict=False))
+        assert all(50 <= b - a <= 400 for a, b in itertools.pairwise(prompts))
     results = simulate_oracle(work.conversations, fleet)
     assert len(results) == sum(len(c.users) for c in work.conversations)
     later = [r for r in results if r.turn > 0]
