@@ -144,33 +144,48 @@ local function held(w, chain)
   end
   return lo
 end
-local function has_room(w, cost)
+-- worker w's free sequence slots after what is reserved for it (< 1: full; 0 at most when it
+-- lacks the tokens for a job of this cost), or nil when it is gone
+local function room(w, cost)
   local f = redis.call('HMGET', mp .. 'worker:' .. w, 'free', 'seqs', 'rtok', 'rjobs')
-  if not f[1] then return false end
-  local seqs = tonumber(f[2]) - math.max(0, tonumber(f[4] or '0'))
-  local tokens = tonumber(f[1]) - math.max(0, tonumber(f[3] or '0'))
-  return seqs >= 1 and tokens >= cost
+  if not f[1] then return nil end
+  local slots = tonumber(f[2]) - math.max(0, tonumber(f[4] or '0'))
+  if tonumber(f[1]) - math.max(0, tonumber(f[3] or '0')) < cost then slots = math.min(slots, 0) end
+  return slots
 end
+-- a warm worker without a free slot may still be waited for (up to the wait) when it holds
+-- at least this many more blocks than the puller (~512 tokens of prefill saved), by at most
+-- this many jobs beyond its slots: a slot frees soon on a busy worker, a long prefill does not
+local FULL_GAIN_BLOCKS, FULL_OVERBOOK = 8, 2
 -- the live worker (not this one) a queued job should wait for, or nil: the one holding the
--- longest prefix of it, or the session's last worker on equal terms, if it has room now and
--- holds more than this worker does. Also returns the blocks this worker holds.
+-- longest prefix of it (the session's last worker wins a tie of prefixes, then the one with
+-- more free slots), if it holds more than this worker does and has room (or, for a large
+-- gain, will soon). Also returns the blocks this worker holds.
 local function route(job, cost)
   local a = redis.call('HMGET', job, 'aw', 'fp', 'session')
   if tonumber(a[1] or '0') <= 0 then return nil, 0 end
-  local chain, score = {}, {}
+  local chain = {}
   for h in string.gmatch(a[2] or '', '%S+') do chain[#chain + 1] = h end
   local session_worker = nil
   if a[3] and a[3] ~= '' then session_worker = redis.call('GET', mp .. 'session:' .. a[3]) end
   local mine = 0
   if #chain > 0 then mine = held(consumer, chain) end
-  local best, best_score = nil, mine + (session_worker == consumer and 0.5 or 0)
+  local my_score = mine + (session_worker == consumer and 0.5 or 0)
+  local best, best_score, best_slots = nil, my_score, nil
   for _, w in ipairs(redis.call('SMEMBERS', mp .. 'members')) do
     if w ~= consumer then
       if redis.call('EXISTS', mp .. 'worker:' .. w) == 0 then
         redis.call('SREM', mp .. 'members', w)
       else
-        local sc = (#chain > 0 and held(w, chain) or 0) + (w == session_worker and 0.5 or 0)
-        if sc > best_score and has_room(w, cost) then best, best_score = w, sc end
+        local n = #chain > 0 and held(w, chain) or 0
+        local sc = n + (w == session_worker and 0.5 or 0)
+        if sc > my_score and sc >= best_score then
+          local slots = room(w, cost)
+          local ok = slots and (slots >= 1 or (slots > -FULL_OVERBOOK and n - mine >= FULL_GAIN_BLOCKS))
+          if ok and (sc > best_score or best_slots == nil or slots > best_slots) then
+            best, best_score, best_slots = w, sc, slots
+          end
+        end
       end
     end
   end

@@ -102,9 +102,28 @@ async def test_wait_is_bounded_then_any_worker_steals(redis: Redis) -> None:
     assert await redis.zcard(KEYS.inbox(MODEL, "warm-w")) == 0
 
 
-async def test_full_or_dead_warm_worker_holds_nothing(redis: Redis) -> None:
+async def test_full_warm_worker_is_waited_for_briefly_and_by_few(redis: Redis) -> None:
+    """A full warm worker frees a slot soon; a long prefill elsewhere does not. It may be
+    waited for (up to the wait) by at most two jobs beyond its slots, and only for a large
+    gain; everything else goes to whoever pulls."""
     store = store_for(redis)
-    await advertise(redis, "full-w", SYSTEM, seqs=0)  # warm but without a free slot
+    await advertise(redis, "full-w", SYSTEM, seqs=0)  # warm, no free slot
+    jobs = [chat_job(SYSTEM + f"User: question {i}") for i in range(3)]
+    for job in jobs:
+        await store.enqueue(job)
+    taken = await pull(store, "cold-w")
+    assert taken.claimed is not None and taken.claimed.job.id == jobs[2].id
+    assert taken.outcome == "cold"
+    assert await redis.zcard(KEYS.inbox(MODEL, "full-w")) == 2
+    await asyncio.sleep(WAIT_MS / 1000)
+    stolen = [await pull(store, "cold-w") for _ in range(2)]
+    assert [r.outcome for r in stolen] == ["stolen", "stolen"]
+
+
+async def test_small_gain_never_waits_for_a_full_or_dead_worker(redis: Redis) -> None:
+    store = store_for(redis)
+    short = SYSTEM[:1300]  # five blocks: too little prefill to wait for a busy worker
+    await advertise(redis, "full-w", short, seqs=0)
     await advertise(redis, "dead-w", SYSTEM, ttl_ms=50)  # warm, then silent past its TTL
     await asyncio.sleep(0.1)
     job = chat_job(SYSTEM + "User: who takes this?")
@@ -112,6 +131,16 @@ async def test_full_or_dead_warm_worker_holds_nothing(redis: Redis) -> None:
     taken = await pull(store, "cold-w")
     assert taken.claimed is not None and taken.outcome == "cold"
     assert not await redis.sismember(KEYS.members(MODEL), "dead-w")  # pruned
+
+
+async def test_ties_go_to_the_worker_with_more_room(redis: Redis) -> None:
+    store = store_for(redis)
+    await advertise(redis, "busy-w", SYSTEM, seqs=1)
+    await advertise(redis, "roomy-w", SYSTEM, seqs=3)
+    job = chat_job(SYSTEM + "User: a new conversation")
+    await store.enqueue(job)
+    assert (await pull(store, "cold-w")).kind == "empty"
+    assert await redis.zcard(KEYS.inbox(MODEL, "roomy-w")) == 1
 
 
 async def test_no_reservation_when_the_puller_is_as_warm(redis: Redis) -> None:
