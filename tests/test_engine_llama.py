@@ -225,3 +225,11 @@ async def test_default_threads_use_every_core() -> None:
     assert default_threads(cores=2) == 2
     assert default_threads(cores=16) == 16
     assert default_threads(3, cores=2) == 3
+
+
+async def test_slots_is_a_deprecated_alias_of_max_seqs() -> None:
+    from worker.settings import WorkerSettings
+
+    assert LlamaConfig.from_settings(WorkerSettings(engine="llama")).max_seqs == 8
+    assert LlamaConfig.from_settings(WorkerSettings(engine="llama", max_seqs=4)).max_seqs == 4
+    assert LlamaConfig.from_settings(WorkerSettings(engine="llama", slots=3)).max_seqs == 3
