@@ -62,6 +62,9 @@ def worker(
     slots: Annotated[int | None, typer.Option(help="llama: model contexts")] = None,
     n_ctx: Annotated[int | None, typer.Option(help="llama: tokens per context")] = None,
     threads: Annotated[int | None, typer.Option(help="llama: threads per slot")] = None,
+    llama_cache_share: Annotated[
+        float | None, typer.Option(help="llama: share of KV cells kept for finished prefixes")
+    ] = None,
     upstream_url: Annotated[str | None, typer.Option(help="openai: upstream base URL")] = None,
     log_format: Annotated[str | None, typer.Option(help="json or console")] = None,
 ) -> None:
@@ -85,6 +88,7 @@ def worker(
         slots=slots,
         n_ctx=n_ctx,
         threads=threads,
+        llama_cache_share=llama_cache_share,
         upstream_url=upstream_url,
         log_format=log_format,
     )
