@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from shared.errors import error_envelope, error_type_for
-from shared.models import DoneEvent, ErrorEvent, Event, TokenEvent, Usage
+from shared.models import DoneEvent, ErrorEvent, Event, StartedEvent, TokenEvent, Usage
 
 
 def _usage_dict(usage: Usage) -> dict[str, Any]:
@@ -34,6 +34,8 @@ class ChunkWriter:
     include_usage: bool
     created: int = field(default_factory=lambda: int(time.time()))
     role_sent: bool = False
+    continuous_usage: bool = False  # usage on every chunk (vLLM's continuous_usage_stats)
+    prompt_tokens: int = 0  # from the worker's ``started`` event
     _head: str = ""
 
     def __post_init__(self) -> None:
@@ -61,9 +63,15 @@ class ChunkWriter:
         out: list[str] = []
         for event in events:
             if isinstance(event, TokenEvent):
-                out.append(f"id: {event.s}\ndata: {self._choice(event.x, None)}\n\n")
+                chunk = self._with_usage(self._choice(event.x, None), event.s)
+                out.append(f"id: {event.s}\ndata: {chunk}\n\n")
+            elif isinstance(event, StartedEvent):
+                self.prompt_tokens = event.prompt_tokens or self.prompt_tokens
             elif isinstance(event, DoneEvent):
-                out.append(f"id: {event.s}\ndata: {self._choice(None, event.finish_reason)}\n\n")
+                chunk = self._choice(None, event.finish_reason)
+                if self.continuous_usage:
+                    chunk = chunk[:-1] + f',"usage":{json.dumps(_usage_dict(event.usage))}}}'
+                out.append(f"id: {event.s}\ndata: {chunk}\n\n")
                 if self.include_usage:
                     usage = json.dumps(_usage_dict(event.usage))
                     tail = self._head[: self._head.index('"choices"')]
@@ -73,6 +81,16 @@ class ChunkWriter:
                 envelope = error_object(event)
                 out.append(f"id: {event.s}\ndata: {json.dumps(envelope)}\n\ndata: [DONE]\n\n")
         return "".join(out).encode()
+
+    def _with_usage(self, chunk: str, completion: int) -> str:
+        """``chunk`` with the usage so far: token events are numbered 1..N, so event ``s``
+        is the ``s``-th piece of output (a piece is one token, or the few tokens a stop
+        sequence held back); the final usage, on the last chunk, is the engine's count."""
+        if not self.continuous_usage:
+            return chunk
+        prompt = self.prompt_tokens
+        usage = f'"prompt_tokens":{prompt},"completion_tokens":{completion}'
+        return f'{chunk[:-1]},"usage":{{{usage},"total_tokens":{prompt + completion}}}}}'
 
 
 def error_object(event: ErrorEvent) -> dict[str, Any]:

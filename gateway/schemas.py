@@ -37,6 +37,7 @@ class InboundMessage(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False  # vLLM: usage on every chunk
 
 
 class ResponseFormat(BaseModel):
@@ -64,6 +65,13 @@ class _CommonRequest(BaseModel):
     frequency_penalty: Neutral = None
     user: str | None = Field(default=None, max_length=256)
     prompt_cache_key: str | None = Field(default=None, max_length=256)
+    # Accepted because they do not change what is generated (bookkeeping, routing hints).
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(
+        default=None, max_length=16
+    )
+    store: StrictBool | None = None
+    service_tier: str | None = Field(default=None, max_length=32)
+    safety_identifier: str | None = Field(default=None, max_length=256)
     # Slipstream extensions (also accepted as X-Priority / X-Deadline-Ms headers).
     priority: Priority | None = None
     deadline_ms: int | None = Field(default=None, ge=1, le=86_400_000)
@@ -96,6 +104,7 @@ class ChatCompletionRequest(_CommonRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: Literal[False] | None = None
     response_format: ResponseFormat | None = None
+    parallel_tool_calls: StrictBool | None = None  # meaningless without tools (refused)
 
     def output_budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -54,6 +54,7 @@ def writer_for(job: Job, *, resumed: bool = False) -> ChunkWriter:
     writer = ChunkWriter(
         job.kind, prefix + job.id, job.model, job.include_usage, created=job.enqueued_at_ms // 1000
     )
+    writer.continuous_usage = job.continuous_usage
     writer.role_sent = resumed
     return writer
 

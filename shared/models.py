@@ -73,6 +73,7 @@ class Job(BaseModel):
     request_id: str
     tenant: str = "anonymous"
     include_usage: bool = False
+    continuous_usage: bool = False  # usage on every chunk (vLLM's continuous_usage_stats)
     session: str | None = None  # hashed session key (affinity across the turns of a chat)
 
     @property
@@ -101,6 +102,7 @@ class StartedEvent(BaseModel):
     t: Literal["started"] = "started"
     s: int
     worker: str
+    prompt_tokens: int | None = None  # as the worker's engine counts them
 
 
 class TokenEvent(BaseModel):

@@ -77,9 +77,10 @@ class EventEmitter:
         self.seq += 1
         return self.seq
 
-    async def started(self, worker_id: str) -> None:
+    async def started(self, worker_id: str, prompt_tokens: int | None = None) -> None:
         # ``started`` takes no sequence number: SSE ids stay 1..N over tokens and the end
-        self.pending.append(StartedEvent(s=self.seq, worker=worker_id))
+        event = StartedEvent(s=self.seq, worker=worker_id, prompt_tokens=prompt_tokens)
+        self.pending.append(event)
         self._schedule()
 
     async def token(self, text: str, engine_tokens: int = 1) -> None:

@@ -82,9 +82,9 @@ async def run_job(
     tokens = 0
     bound = log.bind(job_id=job.id, request_id=job.request_id, model=job.model)
     try:
-        await emitter.started(worker_id)
-        produced = await produced_so_far(store, claimed)
         prompt_tokens = await engine.count_prompt_tokens(job)
+        await emitter.started(worker_id, prompt_tokens)
+        produced = await produced_so_far(store, claimed)
         stops = StopMatcher(job.params.stop)
         request = GenerationRequest(job, produced, claimed.tokens_done)
         stats = request.stats

@@ -84,7 +84,9 @@ async def accept(request: Request, kind: Kind | None) -> tuple[GatewayState, Job
         tenant=tenant_of(request),
         now_ms=state.admission.clock.now_ms(),
     )
-    job.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    options = body.stream_options
+    job.include_usage = bool(options and (options.include_usage or options.continuous_usage_stats))
+    job.continuous_usage = bool(options and options.continuous_usage_stats)
     authorize(request, job)  # 403 for a model the key may not use; priority ceiling
     await ensure_known_model(state, job.model)
     await state.admission.check(job)  # 400 context / 429 deadline or queue full

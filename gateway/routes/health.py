@@ -1,4 +1,4 @@
-"""``/healthz`` (the process answers) and ``/readyz`` (Redis answers, not draining)."""
+"""``/healthz`` and ``/health`` (the process answers), ``/readyz`` (Redis answers, not draining)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ router = APIRouter()
 
 
 @router.get("/healthz", include_in_schema=False)
+@router.get("/health", include_in_schema=False)  # vLLM's name; GuideLLM probes it by default
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
