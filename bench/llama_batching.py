@@ -302,17 +302,17 @@ Aggregate decode tokens/s (all requests' tokens / wall time, prompts of ~15 toke
   ({wc["cached_tokens"]} tokens) is cached: **{wc["warm_ttft_ms"]} ms** warm vs
   **{wc["cold_ttft_ms"]} ms** cold, **{wc["speedup"]}x** (target 5x: {warm_met}).
 
-Not measured here: the batching worker through Slipstream vs the engine called directly at
-each concurrency (the section above is the single-sequence comparison).
+The batching worker through Slipstream vs the engine called directly at each concurrency:
+next section (`bench.llama_through`).
 """
 
 
 def render(result_path: str, doc: str = "docs/llama_benchmark.md") -> None:
-    result = json.loads(Path(result_path).read_text())
-    path = Path(doc)
-    old = path.read_text()
-    head = old[: old.index(MARK)] if MARK in old else old.rstrip() + "\n\n"
-    path.write_text(head + markdown(result))
+    """Rewrite this section (the sections after it, bench.llama_through's and
+    bench.llama_warm's, stay)."""
+    from bench.llama_stack import write_section
+
+    write_section(MARK, markdown(json.loads(Path(result_path).read_text())), doc)
 
 
 def main() -> None:
