@@ -31,6 +31,11 @@ from bench.llama_stack import MODEL, LlamaStack, write_section
 from worker.engines.llama import LlamaConfig, LlamaEngine, packaged_model_path
 
 MARK = "<!-- llama_through -->"
+OUT = "docs/llama_benchmark_through.json"
+HEADER = (
+    "| llama threads | Concurrent requests | Engine directly | Through Slipstream "
+    "| Through / direct (target ≥ 95%) |\n|---:|---:|---:|---:|---:|"
+)
 LEVELS = (1, 2, 4, 8)
 
 
@@ -109,35 +114,62 @@ async def run(runs: int, max_tokens: int, threads: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def markdown(r: dict[str, Any]) -> str:
-    m, ratio = r["aggregate_tokens_per_s"], r["ratio"]
-    rows = "\n".join(
-        f"| {n} | {m['direct'][n]} | {m['slipstream'][n]} | **{ratio[n]:.1%}** "
-        f"({'met' if ratio[n] >= 0.95 else 'missed'}) |"
-        for n in ratio
-    )
-    worst = min(ratio.values())
+def _ints(r: dict[str, Any]) -> dict[str, Any]:
+    """A result read back from JSON, its concurrency keys ints again."""
+    r["aggregate_tokens_per_s"] = {
+        k: {int(n): v for n, v in d.items()} for k, d in r["aggregate_tokens_per_s"].items()
+    }
+    r["ratio"] = {int(n): v for n, v in r["ratio"].items()}
+    return r
+
+
+def results(out: str) -> list[dict[str, Any]]:
+    """Every result beside ``out`` (one file per threads setting: ``--out`` names them), most
+    threads first."""
+    path = Path(out)
+    found = [_ints(json.loads(p.read_text())) for p in path.parent.glob(f"{path.stem}*.json")]
+    return sorted(found, key=lambda r: -r["threads"])
+
+
+def markdown(found: list[dict[str, Any]]) -> str:
+    rows, notes = [], []
+    for r in found:
+        m, ratio = r["aggregate_tokens_per_s"], r["ratio"]
+        rows += [
+            f"| {r['threads']} | {n} | {m['direct'][n]} | {m['slipstream'][n]} "
+            f"| **{ratio[n]:.1%}** ({'met' if ratio[n] >= 0.95 else 'missed'}) |"
+            for n in ratio
+        ]
+        notes.append(
+            f"`flock /tmp/slipstream-bench.lock python -m bench.llama_through --runs {r['runs']} "
+            f"--max-tokens {r['max_tokens']} --threads {r['threads']}"
+            + ("" if r.get("out", OUT) == OUT else f" --out {r['out']}")
+            + f"` (worst ratio {min(ratio.values()):.1%}, failed requests "
+            f"{r['failed_requests']})"
+        )
+    r = found[0]
+    table = "\n".join(rows)
+    commands = "\n".join(f"- {n}" for n in notes)
     return f"""{MARK}
 ## The batching engine through Slipstream vs called directly (issue 16)
 
 Gemma 3 270M Q4_K_M, greedy, {r["max_tokens"]} tokens per request (~20-token prompts),
-{r["threads"]} llama threads on both paths, {r["cores"]} cores, medians of {r["runs"]} runs.
+{r["cores"]} cores, medians of {r["runs"]} runs, the same llama threads on both paths.
 Direct: the batching `LlamaEngine` (8 sequences, one context) in the benchmark's process.
 Through Slipstream: HTTP → gateway → Redis → one `slipstream worker --engine llama
---max-seqs 8 --threads {r["threads"]}` → SSE, on the same machine, so the gateway, Redis and the
-client take CPU from the decode threads. The two paths take turns at each concurrency in every
-run (cold prefix caches on both). **The machine was shared** with other agents (benchmarks
-serialised with `flock`, but tests and builds were not). Reproduce:
-`flock /tmp/slipstream-bench.lock python -m bench.llama_through --runs {r["runs"]}
---max-tokens {r["max_tokens"]}` (writes docs/llama_benchmark_through.json).
+--max-seqs 8` → SSE, on the same machine, so the gateway, Redis and the client take CPU from
+the decode threads. The two paths take turns at each concurrency in every run (cold prefix
+caches on both). **The machine was shared** with other agents (benchmarks serialised with
+`flock`, but tests and builds were not). One run per threads setting; reproduce
+(each writes its JSON beside docs/llama_benchmark_through.json and rewrites this section from
+all of them):
+
+{commands}
 
 Aggregate decode tokens/s (all completion tokens / wall time of the burst):
 
-| Concurrent requests | Engine directly | Through Slipstream | Through / direct (target ≥ 95%) |
-|---:|---:|---:|---:|
-{rows}
-
-Worst ratio: **{worst:.1%}**; failed requests: {r["failed_requests"]}.
+{HEADER}
+{table}
 """
 
 
@@ -146,25 +178,19 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="llama threads (0: every core)")
-    parser.add_argument("--out", default="docs/llama_benchmark_through.json")
+    parser.add_argument("--out", default=OUT)
     parser.add_argument("--render", action="store_true", help="only rewrite the doc from --out")
     parser.add_argument("--no-write", action="store_true", help="print only (smoke runs)")
     args = parser.parse_args()
     if args.render:
-        result = json.loads(Path(args.out).read_text())
-        result["aggregate_tokens_per_s"] = {
-            k: {int(n): v for n, v in d.items()}
-            for k, d in result["aggregate_tokens_per_s"].items()
-        }
-        result["ratio"] = {int(n): v for n, v in result["ratio"].items()}
-        write_section(MARK, markdown(result))
+        write_section(MARK, markdown(results(args.out)))
         return
-    result = asyncio.run(run(args.runs, args.max_tokens, args.threads))
+    result = asyncio.run(run(args.runs, args.max_tokens, args.threads)) | {"out": args.out}
     text = json.dumps(result, indent=2)
     print(text)
     if not args.no_write:
         Path(args.out).write_text(text + "\n")
-        write_section(MARK, markdown(result))
+        write_section(MARK, markdown(results(args.out)))
 
 
 if __name__ == "__main__":
