@@ -49,7 +49,7 @@ MARK = "<!-- llama_warm -->"
 HEADER = (
     "| Arm | Turns served | TTFT first turns p50 / p99 (ms) | TTFT later turns p50 / p99 (ms) "
     "| Hit ratio (later turns) | Turns per worker | Affinity outcomes "
-    "| Longest affinity wait (ms) |\n|---|---:|---:|---:|---:|---|---|---:|"
+    "| Longest affinity wait, ms (over) |\n|---|---:|---:|---:|---:|---|---|---:|"
 )
 WAIT_MS = 250  # SLIPSTREAM_AFFINITY_WAIT_MS (the default)
 
@@ -144,7 +144,41 @@ async def run_arm(name: str, convs: list[Conversation], timeout_s: float) -> dic
     s = summarize_turns(results, planned, wall, ttft_goal_ms=1e9)
     for key in ("goodput_pct", "goodput_turns_per_s", "answers_mismatched"):
         s.pop(key)  # no goal here; the trace does not know the model's answers
-    return s | {"wall_s": round(wall, 1), "affinity": affinity_summary(results, WAIT_MS)}
+    first = [r.prompt_tokens for r in results if r.served and r.turn == 0]
+    turns = [
+        {"conv": r.conv, "turn": r.turn, "worker": r.backend, "ttft_ms": _r(r.ttft_ms),
+         "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens,
+         "outcome": (r.affinity or {}).get("outcome"), "answer": r.answer}
+        for r in results if r.served
+    ]  # fmt: skip
+    return s | {
+        "wall_s": round(wall, 1),
+        "mean_first_turn_prompt_tokens": round(sum(first) / max(1, len(first)), 1),
+        "affinity": affinity_summary(results, WAIT_MS),
+        "turns": turns,
+    }
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(v, 1)
+
+
+def diverged(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, int]:
+    """Greedy answers of two arms, turn by turn: a turn whose messages were the same in both
+    arms (every earlier answer equal) must get the same answer, warm or cold, whatever shared
+    its batch (issue 16's determinism). Counts the turns compared and those that differed."""
+    answers = {(t["conv"], t["turn"]): t["answer"] for t in b}
+    compared = differed = 0
+    for conv in sorted({t["conv"] for t in a}):
+        for t in sorted((t for t in a if t["conv"] == conv), key=lambda t: t["turn"]):
+            other = answers.get((conv, t["turn"]))
+            if other is None:
+                break
+            compared += 1
+            if other != t["answer"]:
+                differed += 1
+                break  # later turns carry different histories
+    return {"turns_compared": compared, "answers_differed": differed}
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -171,7 +205,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     for name in args.arms:
         print(f"[llama_warm] {name} ...", flush=True)
         out["arms"][name] = await run_arm(name, convs, args.timeout_s)
-        print(json.dumps(out["arms"][name]), flush=True)
+        print(json.dumps({k: v for k, v in out["arms"][name].items() if k != "turns"}), flush=True)
+    if len(out["arms"]) == 2:
+        a, b = (arm["turns"] for arm in out["arms"].values())
+        out["same_answers_across_arms"] = diverged(a, b)
     return out
 
 
@@ -190,45 +227,64 @@ def markdown(r: dict[str, Any], command: str) -> str:
             f"| {name} | {a['served']}/{a['planned_turns']} "
             f"| {_ms(a['ttft_first_p50_ms'])} / {_ms(a['ttft_first_p99_ms'])} "
             f"| {_ms(a['ttft_later_p50_ms'])} / {_ms(a['ttft_later_p99_ms'])} "
-            f"| {a['hit_ratio_pct']}% ({a['later_hit_ratio_pct']}%) | {workers} | {outcomes} "
-            f"| {aff.get('wait_max_ms', '-')} |"
+            f"| {a['hit_ratio_pct']:.1f}% ({a['later_hit_ratio_pct']:.1f}%) | {workers} "
+            f"| {outcomes} | {_ms(aff.get('wait_max_ms'))} ({aff.get('over_wait', '-')}) |"
         )
     table = "\n".join(rows)
+    notes = []
     blind, warm = arms.get("slipstream-blind"), arms.get("slipstream-warm")
-    verdict = ""
     if blind and warm and blind["ttft_later_p50_ms"] and warm["ttft_later_p50_ms"]:
         ratio = blind["ttft_later_p50_ms"] / warm["ttft_later_p50_ms"]
-        verdict = (
-            f"\nLater-turn TTFT p50: **{ratio:.1f}x lower** warm-aware than cache-blind "
+        notes.append(
+            f"- Later turns: TTFT p50 **{ratio:.1f}x lower** warm-aware than cache-blind "
             f"({_ms(warm['ttft_later_p50_ms'])} vs {_ms(blind['ttft_later_p50_ms'])} ms; the "
-            f"simulated experiment's target is 3x). Mean prompt: "
-            f"{blind['prompt_tokens'] / max(1, blind['served']):.0f} tokens (blind), "
-            f"{warm['prompt_tokens'] / max(1, warm['served']):.0f} (warm).\n"
+            f"simulated experiment's target is 3x, at load 0.85 with ~1,000-token system "
+            f"prompts), p99 {_ms(warm['ttft_later_p99_ms'])} vs "
+            f"{_ms(blind['ttft_later_p99_ms'])} ms; hit ratio {warm['hit_ratio_pct']:.1f}% vs "
+            f"{blind['hit_ratio_pct']:.1f}%."
+        )
+        notes.append(
+            f"- Prompts: {blind['prompt_tokens'] / max(1, blind['served']):.0f} tokens a turn "
+            f"on average, {blind.get('mean_first_turn_prompt_tokens', 0):.0f} on first turns "
+            "(the system prompt and one user message). Cache-blind already hits often: with only "
+            f"{t['systems']} system prompts both workers soon hold all of them, so what "
+            "warm-state routing adds is the conversation's history (and first turns going to "
+            "the worker that holds their system prompt)."
+        )
+    same = r.get("same_answers_across_arms")
+    if same:
+        notes.append(
+            f"- Determinism: of {same['turns_compared']} turns sent with the same messages in "
+            f"both arms (so prefilled warm in one and cold in the other, in different batches), "
+            f"**{same['answers_differed']}** got a different greedy answer."
         )
     return f"""{MARK}
 ## Warm-state routing with the real model (issue 11)
 
-Experiment `warm`'s trace (bench/multiturn.py's generator), scaled down for the real model:
-{t["conversations"]} conversations ({t["turns"]} turns), Poisson arrivals over
-{t["arrivals_s"]:.0f} s, {t["systems"]} system prompts drawn to ~{t["system_words_for_tokens"]}
-tokens, {t["turns_range"][0]}-{t["turns_range"][1]} turns, user messages of
-{t["user_tokens"][0]}-{t["user_tokens"][1]} tokens, answers of {t["answer_tokens"][0]}-
-{t["answer_tokens"][1]} tokens (max_tokens, greedy; a base model often stops earlier at a
-transcript stop), think time exponential with mean {t["think_mean_s"]:.0f} s. Served by Gemma 3
-270M Q4_K_M through one gateway, Redis and {r["workers"]} ({r["cores"]} cores), a fresh
-stack per arm (cold caches), affinity wait {r["affinity_wait_ms"]} ms. Chat is rendered as a
-transcript; each turn carries the answer the client received (seed {r["seed"]}). **The
-machine was shared** with other agents (benchmarks serialised with `flock`, but tests and
-builds were not): one run, figures are noisy. Reproduce: `{command}` (writes
-docs/llama_benchmark_warm.json).
+Experiment `warm`'s conversations (bench/multiturn.py's generator), scaled down for the real
+model: {t["conversations"]} conversations ({t["turns"]} turns), Poisson arrivals over
+{t["arrivals_s"]:.0f} s, {t["systems"]} system prompts (~{t["system_words_for_tokens"]}
+simulator tokens of words each), {t["turns_range"][0]}-{t["turns_range"][1]} turns, user
+messages of {t["user_tokens"][0]}-{t["user_tokens"][1]} simulator tokens, answers of at most
+{t["answer_tokens"][0]}-{t["answer_tokens"][1]} tokens (greedy; the base model often stops
+earlier at a transcript stop), think time exponential with mean {t["think_mean_s"]:.0f} s.
+Served by Gemma 3 270M Q4_K_M through one gateway, Redis and {r["workers"]}
+({r["cores"]} cores); a fresh stack per arm (cold caches), `SLIPSTREAM_AFFINITY_WAIT_MS`
+{r["affinity_wait_ms"]}. Chat is rendered as a transcript; each turn carries the answer the
+client received (seed {r["seed"]}). **The machine was shared** with other agents (benchmarks
+serialised with `flock`, but tests and builds were not): one run, figures are noisy.
+Reproduce: `{command}` (writes docs/llama_benchmark_warm.json, every turn included).
 
 {HEADER}
 {table}
-{verdict}
+
+{chr(10).join(notes)}
+
 Hit ratio = Σ `usage.prompt_tokens_details.cached_tokens` / Σ `prompt_tokens` over served
-turns; outcomes are the job API's `affinity.outcome` of every job (`warm`: taken by the worker
-it was reserved for, `cold`: taken from the queue head, `stolen`: taken by another worker after
-the wait).
+turns. Turns per worker and outcomes come from the job API (`affinity.worker`,
+`affinity.outcome`: `warm` taken by the worker it was reserved for, `cold` taken from the queue
+head, `stolen` taken by another worker after the wait); the last column is the longest
+reservation wait and, in brackets, how many exceeded the configured wait.
 """
 
 
