@@ -170,6 +170,12 @@ Aggregate decode tokens/s (all completion tokens / wall time of the burst):
 
 {HEADER}
 {table}
+
+With as many llama threads as cores the decode threads have no core to spare, so the gateway,
+Redis and the client's SSE parsing (which only the path through Slipstream has) take their CPU
+from the model; with one llama thread a core is left for them, as a worker host that shares
+its cores with a gateway would be configured (the single-sequence comparison above makes the
+same point). Per-run rates are in the JSON files (`raw`).
 """
 
 
