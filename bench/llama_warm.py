@@ -232,8 +232,7 @@ def _where(r: dict[str, Any], where: list[list[int]]) -> str:
         ": " + ", ".join(parts) + ". Same messages, same prompt tokens, yet a different greedy "
         "answer: issue 16's guarantee (the same greedy output whatever shares the batch and "
         "whether the prefix was warm) did not hold for these turns. The answers are in the "
-        "JSON (`turns`); not investigated further here (the engine is out of this benchmark's "
-        "scope)."
+        "JSON (`turns`)."
     )
 
 
@@ -281,6 +280,7 @@ def markdown(r: dict[str, Any], command: str) -> str:
             f"**{same['answers_differed']}** got a different greedy answer"
             + _where(r, same.get("where", []))
         )
+    notes += [f"- {n}" for n in r.get("notes", [])]  # what later runs showed, by hand
     return f"""{MARK}
 ## Warm-state routing with the real model (issue 11)
 
