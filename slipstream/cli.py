@@ -59,9 +59,9 @@ def worker(
         int | None, typer.Option(help="Simulator: prefix cache size in tokens")
     ] = None,
     model_path: Annotated[str | None, typer.Option(help="llama: a GGUF file")] = None,
-    slots: Annotated[int | None, typer.Option(help="llama: model contexts")] = None,
-    n_ctx: Annotated[int | None, typer.Option(help="llama: tokens per context")] = None,
-    threads: Annotated[int | None, typer.Option(help="llama: threads per slot")] = None,
+    slots: Annotated[int | None, typer.Option(help="llama: deprecated, use --max-seqs")] = None,
+    n_ctx: Annotated[int | None, typer.Option(help="llama: KV cells (all sequences)")] = None,
+    threads: Annotated[int | None, typer.Option(help="llama: CPU threads (0: every core)")] = None,
     llama_cache_share: Annotated[
         float | None, typer.Option(help="llama: share of KV cells kept for finished prefixes")
     ] = None,
