@@ -31,18 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.llama_stack import MODEL, LlamaStack, write_section
-from bench.multiturn import (
-    Conversation,
-    MultiTurnSpec,
-    TurnResult,
-    _job_affinity,
-    affinity_summary,
-    conversation,
-    one_turn,
-    summarize_turns,
-    system_prompts,
-)
+from bench.multiturn import _job_affinity, affinity_summary, summarize_turns
 from bench.result import ERROR, TIMEOUT
+from bench.warm_client import TurnResult, one_turn
+from bench.warm_trace import Conversation, MultiTurnSpec, conversation, system_prompts
 
 ARMS = {"slipstream-blind": "false", "slipstream-warm": "true"}  # arm -> SLIPSTREAM_AFFINITY
 MARK = "<!-- llama_warm -->"

@@ -38,7 +38,8 @@ def test_trace_is_seeded_and_oracle_serves_everything() -> None:
 
 def test_multiturn_trace_is_seeded_and_grows_each_turn() -> None:
     from bench.fleet import warm_fleet
-    from bench.multiturn import make_workload, simulate_oracle, turn_shapes
+    from bench.warm_oracle import simulate_oracle
+    from bench.warm_trace import make_workload, turn_shapes
 
     fleet = warm_fleet()
     work = make_workload(fleet, 0.85, 10.0, seed=3)
