@@ -91,13 +91,32 @@ class PubSubMultiplexer:
         if self._task is not None:
             await cancel_and_wait([self._task])
         if self.pubsub is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await self.pubsub.aclose()  # type: ignore[no-untyped-call]
+            await self._release(self.pubsub)
 
     async def _connect(self) -> None:
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         await pubsub.subscribe(self.home_channel, *self.listeners)
+        if pubsub.connection is not None:  # redis-py reconnects (and resubscribes) by itself
+            pubsub.connection.register_connect_callback(self._reconnected)
         self.pubsub = pubsub
+
+    async def _reconnected(self, _connection: object) -> None:
+        """redis-py re-established the pub/sub connection on its own (its retry policy):
+        whatever was published while it was down is lost, so every stream repairs from the log."""
+        log.warning("pubsub_reconnected")
+        self.reconnects += 1
+        self._mark_all_lagging()
+
+    def _mark_all_lagging(self) -> None:
+        for group in self.listeners.values():
+            for listener in group:
+                listener.mark_lagging()
+
+    async def _release(self, pubsub: PubSub) -> None:
+        if pubsub.connection is not None:
+            pubsub.connection.deregister_connect_callback(self._reconnected)
+        with contextlib.suppress(RedisError, OSError):
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def subscribe(self, channel: str) -> Listener:
         listener = Listener(channel, self.queue_size)
@@ -136,8 +155,7 @@ class PubSubMultiplexer:
     async def _reconnect(self) -> None:
         old, self.pubsub = self.pubsub, None
         if old is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await old.aclose()  # type: ignore[no-untyped-call]
+            await self._release(old)
         delay = 0.05
         while True:
             try:
@@ -147,6 +165,4 @@ class PubSubMultiplexer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
         self.reconnects += 1
-        for group in self.listeners.values():
-            for listener in group:
-                listener.mark_lagging()
+        self._mark_all_lagging()
