@@ -86,6 +86,12 @@ class JobStore:
         self._release = redis.register_script(lua_pull.RELEASE)
 
     # --- gateway side -------------------------------------------------------------------
+    def job_ttl_ms(self, job: Job) -> int:
+        """How long a new job's state and index live: its whole time budget (a deadline may be
+        up to 24 h away), then ``SLIPSTREAM_JOB_LOG_TTL_S`` to read the result."""
+        budget = 0 if job.deadline_at_ms is None else job.deadline_at_ms - job.enqueued_at_ms
+        return self.ttl_ms + max(0, budget)
+
     async def enqueue(self, job: Job) -> str:
         """Store the job and append it to its queue; returns the queue entry id.
 
@@ -95,11 +101,12 @@ class JobStore:
         """
         k = self.keys
         keys = [k.job(job.model, job.id), k.queue(job.model, job.priority), k.backlog(job.model)]
+        ttl_ms = self.job_ttl_ms(job)
         args: list[str | int] = [
             job.id,
             job.model_dump_json(),
             job.cost_tokens,
-            self.ttl_ms,
+            ttl_ms,
             CONSUMER_GROUP,
             job.priority.value,
             k.tenant_part(job.tenant),
@@ -108,7 +115,7 @@ class JobStore:
             self.affinity.enqueue_arg(job) if self.affinity else "{}",
         ]
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(k.job_index(job.id), job.model, px=self.ttl_ms)
+            pipe.set(k.job_index(job.id), job.model, px=ttl_ms)
             pipe.evalsha(self._enqueue.sha, len(keys), *keys, *map(str, args))
             replies = await pipe.execute(raise_on_error=False)
         entry = replies[1]

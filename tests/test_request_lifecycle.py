@@ -11,7 +11,13 @@ from redis.asyncio import Redis
 from shared.jobs import JobStore
 from shared.keys import Keys
 from shared.models import Priority
-from tests.helpers import gateway_settings, running_gateway, running_worker, worker_settings
+from tests.helpers import (
+    gateway_settings,
+    make_job,
+    running_gateway,
+    running_worker,
+    worker_settings,
+)
 
 BODY = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -121,3 +127,14 @@ async def test_job_waits_for_a_worker_that_arrives(redis_url: str) -> None:
             response = await request
     assert response.status_code == 200
     assert response.headers["x-request-id"]
+
+
+async def test_a_queued_job_outlives_the_log_ttl_until_its_deadline(redis: Redis) -> None:
+    """State and index live for the job's whole time budget, not only the log TTL."""
+    store = JobStore(redis, Keys(), ttl_s=1)
+    job = make_job(deadline_ms=60_000)
+    await store.enqueue(job)
+    await asyncio.sleep(1.2)  # past the log TTL, far from the deadline
+    assert await store.job_state(job.model, job.id) == "queued"
+    assert await store.model_of(job.id) == job.model
+    assert await redis.pttl(Keys().job(job.model, job.id)) > 55_000
