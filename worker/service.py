@@ -214,7 +214,8 @@ class Worker:
             return None
         finally:
             self.metrics.job_ended(outcome, prompt_tokens, cached_tokens)
-            self.running.pop(claimed.job.id, None)
+            if (entry := self.running.get(claimed.job.id)) is not None and entry[1] is claimed:
+                del self.running[claimed.job.id]  # not a newer claim of the same job (takeover)
             self.capacity.release(claimed.job.cost_tokens)
             self.advertiser.changed.set()  # the engine may hold this job's prefix now
 

@@ -1,0 +1,36 @@
+"""A worker that takes over its own expired lease keeps tracking the new claim."""
+
+from __future__ import annotations
+
+import asyncio
+
+from redis.asyncio import Redis
+
+from tests.helpers import make_job, worker_settings
+from worker.engines.sim import SimEngine, SimProfile
+from worker.service import Worker
+
+
+async def test_own_takeover_keeps_the_new_claim_tracked(redis: Redis, redis_url: str) -> None:
+    settings = worker_settings(redis_url)
+    worker = Worker(settings, redis, SimEngine(SimProfile(ttft_s=0.0, tokens_per_s=50.0)))
+    job = make_job(max_tokens=500)
+    await worker.store.enqueue(job)
+    pull = {"free_tokens": 10_000, "idle": True, "aging_ms": {}, "max_deliveries": 5}
+    first = await worker.store.pull(job.model, worker.id, lease_ms=200, **pull)  # type: ignore[arg-type]
+    assert first.claimed is not None
+    worker._start(first.claimed)
+    old_task = worker.running[job.id][0]
+    await asyncio.sleep(0.3)  # no heartbeat renews it: the lease expires
+    second = await worker.store.pull(job.model, worker.id, lease_ms=60_000, **pull)  # type: ignore[arg-type]
+    assert second.claimed is not None and second.outcome == "takeover"
+    assert second.claimed.fence == first.claimed.fence + 1
+    worker._start(second.claimed)
+    await asyncio.wait_for(old_task, 5)  # fenced off at its next write
+    assert job.id in worker.running, "the new claim must stay tracked (renewed, cancellable)"
+    assert worker.running[job.id][1].fence == second.claimed.fence
+    new_task = worker.running[job.id][0]
+    new_task.cancel()
+    await asyncio.gather(new_task, return_exceptions=True)
+    assert job.id not in worker.running  # its own end still untracks it
+    await worker.emits.close()
