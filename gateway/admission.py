@@ -140,6 +140,13 @@ class Admission:
         backlog = await self.backlogs.get(job.model)
         self._check_queue_limits(job, fleet, backlog)
         self._check_deadline(job, fleet, backlog)
+
+    def admit(self, job: Job) -> None:
+        """Count a job that passed ``check`` and every other gate (rate limits) as admitted:
+        it joins this gateway's inflow and its backlog estimate. A request refused after
+        ``check`` (by its rate limit) is never counted, so it cannot push others out."""
+        if not self.settings.admission:
+            return
         self._note_admitted(job)
         self.backlogs.add(job.model, job.priority, job.cost_tokens)
 

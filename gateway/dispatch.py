@@ -161,7 +161,9 @@ class Dispatch:
             await self._expire()
             return
         waited = time.monotonic() - self.created
-        if not self.started and waited >= self.worker_wait_s:
+        # only the submitting request enforces the wait for a worker: someone watching a job
+        # (``GET /v1/jobs/{id}/events``) must not fail it because no worker is live right now
+        if self.submit and not self.started and waited >= self.worker_wait_s:
             workers = await live_workers(store.redis, store.keys, self.worker_ttl_s)
             if not any(w.model == job.model for w in workers):
                 await store.cancel(

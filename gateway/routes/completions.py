@@ -91,6 +91,7 @@ async def accept(request: Request, kind: Kind | None) -> tuple[GatewayState, Job
     await ensure_known_model(state, job.model)
     await state.admission.check(job)  # 400 context / 429 deadline or queue full
     request.state.rate_headers = await state.limits.charge(api_key_of(request), job)  # 429
+    state.admission.admit(job)  # counted only once every gate passed
     return state, job, body.stream
 
 
