@@ -22,6 +22,8 @@ from shared.models import (
     Usage,
 )
 
+OUTAGE_S = 30.0  # how long a job keeps retrying one write through a Redis outage
+
 
 class EmitSink(Protocol):
     """Writes one job's batch, fenced: ``JobStore`` itself, or a worker's ``EmitBatcher``."""
@@ -147,9 +149,26 @@ class EventEmitter:
             self.tokens_written += tokens
             if self.first_write is not None:
                 self.first_write.set()  # whoever waits runs once this task yields, after the send
-            ok = await self.sink.emit(self.claimed, batch, new_tokens=tokens, terminal=terminal)
-            if not ok:
+            if not await self._send(batch, tokens, terminal):
                 raise LeaseLost(self.claimed.job.id)
+
+    async def _send(self, batch: EventBatch, tokens: int, terminal: JobState | None) -> bool:
+        """Write one batch, riding out a Redis outage longer than the client's own retries
+        for up to ``OUTAGE_S``. Safe because EMIT is safe to repeat: a batch that did land
+        answers "already applied", and once the lease is lost (another worker took over after
+        the outage) the write is fenced off. Past ``OUTAGE_S`` the error surfaces and the job
+        fails over when its lease expires."""
+        give_up, delay = time.monotonic() + OUTAGE_S, 0.05
+        while True:
+            try:
+                return await self.sink.emit(
+                    self.claimed, batch, new_tokens=tokens, terminal=terminal
+                )
+            except (RedisError, OSError):
+                if time.monotonic() + delay > give_up:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 1.0)
 
     async def done(self, finish_reason: str, usage: Usage) -> None:
         await self._settle()  # the end goes in the terminal write, with what is still pending
