@@ -32,8 +32,7 @@ from typing import Any
 
 from bench.llama_stack import MODEL, LlamaStack, write_section
 from bench.multiturn import _job_affinity, affinity_summary, summarize_turns
-from bench.result import ERROR, TIMEOUT
-from bench.warm_client import TurnResult, one_turn
+from bench.warm_client import replay
 from bench.warm_trace import Conversation, MultiTurnSpec, conversation, system_prompts
 
 ARMS = {"slipstream-blind": "false", "slipstream-warm": "true"}  # arm -> SLIPSTREAM_AFFINITY
@@ -72,63 +71,13 @@ def trace(
     return spec, out
 
 
-def _body(messages: list[dict[str, str]], max_tokens: int) -> bytes:
-    payload = {
-        "model": MODEL,
-        "messages": messages,
-        "max_tokens": max_tokens,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "temperature": 0,
-    }
-    return json.dumps(payload).encode()
-
-
-async def run_conversation(
-    base_url: str, conv: Conversation, t0: float, timeout_s: float, out: list[TurnResult]
-) -> None:
-    """One conversation, each turn built from the answer received for the one before (as
-    bench.multiturn's client does, for a model whose answers the trace does not know)."""
-    await asyncio.sleep(max(0.0, t0 + conv.at_s - time.perf_counter()))
-    answers: list[str] = []
-    for k in range(len(conv.users)):
-        if k:
-            await asyncio.sleep(conv.thinks[k])
-        r = TurnResult(
-            idx=conv.cid * 100 + k,
-            at_s=round(time.perf_counter() - t0, 3),
-            priority="normal",
-            max_tokens=conv.max_tokens[k],
-            deadline_ms=0,
-            conv=conv.cid,
-            turn=k,
-        )
-        r.start_s = r.at_s
-        out.append(r)
-        body = _body(conv.messages(k, answers), conv.max_tokens[k])
-        try:
-            async with asyncio.timeout(timeout_s):
-                await one_turn(base_url, r, body, conv.session)
-        except TimeoutError:
-            r.outcome, r.error = TIMEOUT, f"client timeout after {timeout_s:.0f} s"
-        except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
-            r.outcome, r.error = ERROR, f"{type(exc).__name__}: {exc}"[:200]
-        if not r.served:
-            return
-        answers.append(r.answer)
-
-
 async def run_arm(name: str, convs: list[Conversation], timeout_s: float) -> dict[str, Any]:
     env = {"SLIPSTREAM_AFFINITY": ARMS[name], "SLIPSTREAM_AFFINITY_WAIT_MS": str(WAIT_MS)}
     worker = ["--threads", "1", "--max-seqs", "4"]
     async with LlamaStack([worker, worker], env) as stack:
-        out: list[TurnResult] = []
-        t0 = time.perf_counter() + 0.05
-        await asyncio.gather(
-            *(run_conversation(stack.base_url, c, t0, timeout_s, out) for c in convs)
-        )
+        t0 = time.perf_counter()
+        results = await replay(stack.base_url, convs, timeout_s, MODEL)
         wall = time.perf_counter() - t0
-        results = sorted(out, key=lambda r: (r.conv, r.turn))
         await _job_affinity(stack.base_url, results)
     for r in results:
         r.backend = (r.affinity or {}).get("worker") or r.backend

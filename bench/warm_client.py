@@ -28,9 +28,9 @@ class TurnResult(Result):
     affinity: dict[str, Any] | None = None
 
 
-def _body(messages: list[dict[str, str]], max_tokens: int) -> bytes:
+def _body(messages: list[dict[str, str]], max_tokens: int, model: str = MODEL) -> bytes:
     payload = {
-        "model": MODEL,
+        "model": model,
         "messages": messages,
         "max_tokens": max_tokens,
         "stream": True,
@@ -115,10 +115,17 @@ async def one_turn(base_url: str, result: TurnResult, body: bytes, session: str)
 
 
 async def run_conversation(
-    base_url: str, conv: Conversation, t0: float, timeout_s: float, out: list[TurnResult]
+    base_url: str,
+    conv: Conversation,
+    t0: float,
+    timeout_s: float,
+    out: list[TurnResult],
+    model: str = MODEL,
 ) -> None:
-    """Replay one conversation: wait for its arrival, then each turn after the think time.
-    A turn that fails ends the conversation (its next turns would need the answer)."""
+    """Replay one conversation: wait for its arrival, then each turn after the think time,
+    built from the answer received for the one before. A turn that fails ends the
+    conversation (its next turns would need the answer). Where the trace knows the answers
+    (the simulator's), each is checked against them."""
     await asyncio.sleep(max(0.0, t0 + conv.at_s - time.perf_counter()))
     answers: list[str] = []
     for k in range(len(conv.users)):
@@ -138,19 +145,24 @@ async def run_conversation(
         out.append(r)
         try:
             async with asyncio.timeout(timeout_s):
-                await one_turn(base_url, r, _body(messages, conv.max_tokens[k]), conv.session)
+                body = _body(messages, conv.max_tokens[k], model)
+                await one_turn(base_url, r, body, conv.session)
         except TimeoutError:
             r.outcome, r.error = TIMEOUT, f"client timeout after {timeout_s:.0f} s"
         except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
             r.outcome, r.error = ERROR, f"{type(exc).__name__}: {exc}"[:200]
         if not r.served:
             return
-        r.answer_ok = r.answer == conv.answers[k]
+        if conv.answers:
+            r.answer_ok = r.answer == conv.answers[k]
         answers.append(r.answer)
 
 
-async def replay(base_url: str, convs: list[Conversation], timeout_s: float) -> list[TurnResult]:
+async def replay(
+    base_url: str, convs: list[Conversation], timeout_s: float, model: str = MODEL
+) -> list[TurnResult]:
+    """Every conversation, from arrivals on; the turns sorted by conversation and turn."""
     out: list[TurnResult] = []
     t0 = time.perf_counter() + 0.05
-    await asyncio.gather(*(run_conversation(base_url, c, t0, timeout_s, out) for c in convs))
+    await asyncio.gather(*(run_conversation(base_url, c, t0, timeout_s, out, model) for c in convs))
     return sorted(out, key=lambda r: (r.conv, r.turn))

@@ -15,7 +15,7 @@ from bench.fleet import MODEL, Backend, capacity_rps
 from bench.trace import WORDS
 from shared.models import ChatMessage, Job, SamplingParams
 from shared.prompt import render_transcript
-from worker.engines.sim import context_hash, count_tokens, next_token
+from worker.engines.sim import count_tokens, greedy_text
 
 
 # --- the trace -----------------------------------------------------------------------------
@@ -80,17 +80,6 @@ def prompt_of(messages: list[dict[str, str]]) -> str:
     return render_transcript(job)
 
 
-def sim_answer(prompt: str, max_tokens: int, seed: int = 0) -> str:
-    """The simulator's answer to ``prompt`` (worker.engines.sim, greedy and deterministic)."""
-    context = context_hash(seed, prompt)
-    out = []
-    for _ in range(max_tokens):
-        token = next_token(context)
-        context.update(token.encode())
-        out.append(token)
-    return "".join(out)
-
-
 def system_prompts(spec: MultiTurnSpec, seed: int) -> list[str]:
     rng = random.Random(seed * 7 + 1)
     return [
@@ -112,7 +101,7 @@ def conversation(spec: MultiTurnSpec, seed: int, cid: int, systems: list[str]) -
     conv = Conversation(cid, 0.0, system, users, max_tokens, thinks, ())
     answers: list[str] = []
     for k in range(turns):
-        answers.append(sim_answer(prompt_of(conv.messages(k, answers)), max_tokens[k]))
+        answers.append(greedy_text(prompt_of(conv.messages(k, answers)), max_tokens[k]))
     return Conversation(cid, 0.0, system, users, max_tokens, thinks, tuple(answers))
 
 

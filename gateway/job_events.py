@@ -109,7 +109,8 @@ class JobEvents:
             except ValidationError:
                 self.needs_log = True
                 continue
-            if any(e.t in TERMINAL_EVENT_TYPES and e.s <= self.seq for e in batch.events):
+            last = batch.events[-1] if batch.events else None  # a terminal event ends its batch
+            if last is not None and last.t in TERMINAL_EVENT_TYPES and last.s <= self.seq:
                 self.needs_log = True  # it ended before our position: the log ends it again
                 return out
             fresh = [e for e in batch.events if e.s > self.seq or e.t == "started"]

@@ -63,7 +63,9 @@ class ChunkWriter:
         out: list[str] = []
         for event in events:
             if isinstance(event, TokenEvent):
-                chunk = self._with_usage(self._choice(event.x, None), event.s)
+                chunk = self._choice(event.x, None)
+                if self.continuous_usage:
+                    chunk = self._with_usage(chunk, event.s)
                 out.append(f"id: {event.s}\ndata: {chunk}\n\n")
             elif isinstance(event, StartedEvent):
                 self.prompt_tokens = event.prompt_tokens or self.prompt_tokens
@@ -86,8 +88,6 @@ class ChunkWriter:
         """``chunk`` with the usage so far: token events are numbered 1..N, so event ``s``
         is the ``s``-th piece of output (a piece is one token, or the few tokens a stop
         sequence held back); the final usage, on the last chunk, is the engine's count."""
-        if not self.continuous_usage:
-            return chunk
         prompt = self.prompt_tokens
         usage = f'"prompt_tokens":{prompt},"completion_tokens":{completion}'
         return f'{chunk[:-1]},"usage":{{{usage},"total_tokens":{prompt + completion}}}}}'

@@ -260,12 +260,15 @@ if not idle and best[7] > free then return {'full'} end
 local kind, q, entry, id = best[1], best[2], best[3], best[4]
 local job = mp .. 'job:' .. id
 local outcome, waited, picked = 'cold', 0, 0
+local sf = redis.call('HMGET', job, 'session', 'sttl')
+local session = sf[1] and sf[1] ~= '' and sf[1] or nil
 if kind == 'queue' then
   redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', q, '>')
-  if best[8] > 0 then outcome = 'warm' end
-  redis.call('HSET', job, 'aff_target', '')
-  local sid = redis.call('HGET', job, 'session')
-  if sid and sid ~= '' and redis.call('GET', mp .. 'session:' .. sid) == consumer then outcome = 'warm' end
+  -- warm: it holds some of the prefix, or served the session's last turn
+  if best[8] > 0 or (session and redis.call('GET', mp .. 'session:' .. session) == consumer) then
+    outcome = 'warm'
+  end
+  redis.call('HSET', job, 'aff_target', outcome == 'warm' and consumer or '')
 else
   redis.call('XCLAIM', q, group, consumer, 0, entry, 'JUSTID')
   local r = redis.call('HMGET', job, 'rsv_at', 'rsv_until')
@@ -278,12 +281,10 @@ if past_deadline(job, now) then
   fail(mp, id, 'expired', 'deadline_exceeded', 'the deadline passed while the job was queued', 504, group, ttl)
   return {'skipped', id, 'expired'}
 end
-local sf = redis.call('HMGET', job, 'session', 'sttl')
-if sf[1] and sf[1] ~= '' then
-  redis.call('SET', mp .. 'session:' .. sf[1], consumer, 'PX', math.max(1000, tonumber(sf[2] or '0')))
+if session then
+  redis.call('SET', mp .. 'session:' .. session, consumer, 'PX', math.max(1000, tonumber(sf[2] or '0')))
 end
 redis.call('HSET', job, 'aff', outcome, 'aff_wait', waited, 'aff_picked', picked)
-if outcome == 'warm' and kind == 'queue' then redis.call('HSET', job, 'aff_target', consumer) end
 redis.call('HINCRBY', me, 'free', -best[7])
 redis.call('HINCRBY', me, 'seqs', -1)
 local out = claim(mp, id, consumer, now, lease)

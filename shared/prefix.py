@@ -36,13 +36,3 @@ def block_hashes(
         prev = hashlib.blake2b(prev + data[i : i + block_bytes], digest_size=8).digest()
         out.append(prev.hex())
     return out
-
-
-def common_blocks(a: list[str], b: list[str]) -> int:
-    """Length of the common leading run of two chains (= blocks of common prefix)."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n

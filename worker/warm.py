@@ -64,10 +64,6 @@ class WarmPrefixes:
             self._unref(old)
             self.version += 1
 
-    def oldest(self) -> list[str] | None:
-        """The least recently used entry (what an engine evicts first), or None."""
-        return next(iter(self.entries.values()), None)
-
     def blocks(self) -> set[str]:
         """Every block hash held: the advertisement."""
         return set(self.refs)

@@ -14,8 +14,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from gateway.auth import tenant_of
+from gateway.idempotency import claim_idempotency_key
 from gateway.openapi import json_body
-from gateway.routes.completions import accept, claim_idempotency_key
+from gateway.routes.completions import accept
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.state import GatewayState, gateway_state
 from gateway.streaming import new_dispatch, stream_response, writer_for

@@ -20,7 +20,6 @@ from typing import Any
 import httpx
 
 from tests.helpers import RedisProcess, free_port, start_redis, wait_for_port
-from worker.engines.sim import context_hash, next_token
 
 FAST_LEASES = {
     "SLIPSTREAM_LEASE_S": "0.6",
@@ -158,17 +157,6 @@ async def read_stream(
             event_id = None
             if stop_after is not None and len(record.frames) >= stop_after:
                 return
-
-
-def sim_text(prompt: str, max_tokens: int, seed: int = 0) -> str:
-    """What the simulator generates for ``prompt``, uninterrupted."""
-    context = context_hash(seed, prompt)
-    out = []
-    for _ in range(max_tokens):
-        token = next_token(context)
-        context.update(token.encode())
-        out.append(token)
-    return "".join(out)
 
 
 def check_stream(record: StreamRecord, expected_text: str | None = None) -> None:

@@ -27,10 +27,10 @@ from tests.faults.cluster import (
     Proc,
     StreamRecord,
     check_stream,
-    sim_text,
     stream_completion,
 )
 from tests.helpers import free_port, wait_for_port
+from worker.engines.sim import greedy_text as sim_text
 
 FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
 pytestmark = pytest.mark.skipif(

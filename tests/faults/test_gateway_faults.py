@@ -19,10 +19,10 @@ from tests.faults.cluster import (
     percentile,
     record_result,
     resume,
-    sim_text,
     stream_completion,
     wait_frames,
 )
+from worker.engines.sim import greedy_text as sim_text
 
 SIM = ("--max-seqs", "8", "--sim-ttft-ms", "5", "--sim-tokens-per-s", "50")
 

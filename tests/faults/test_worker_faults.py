@@ -18,10 +18,10 @@ from tests.faults.cluster import (
     check_stream,
     percentile,
     record_result,
-    sim_text,
     stream_completion,
     wait_frames,
 )
+from worker.engines.sim import greedy_text as sim_text
 
 SIM = ("--max-seqs", "4", "--sim-ttft-ms", "5", "--sim-tokens-per-s", "100")
 

@@ -108,6 +108,18 @@ def context_hash(seed: int, text: str) -> hashlib.blake2b:
     return h
 
 
+def greedy_text(prompt: str, max_tokens: int, seed: int = 0) -> str:
+    """What the simulator generates for ``prompt``, uninterrupted (tests and benchmarks
+    compare against it)."""
+    context = context_hash(seed, prompt)
+    out = []
+    for _ in range(max_tokens):
+        token = next_token(context)
+        context.update(token.encode())
+        out.append(token)
+    return "".join(out)
+
+
 def count_tokens(text: str) -> int:
     """The simulator's tokenizer: about four characters a token."""
     return max(1, (len(text) + 3) // 4)
