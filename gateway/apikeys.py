@@ -5,6 +5,12 @@ A key is ``sk-slip-`` plus 43 random URL-safe characters (256 bits). Only its ha
 backup of it can give a key away. A plain SHA-256 is enough for a random secret of that size
 (there is nothing to guess); the id shown by ``slipstream keys list`` is the hash's first
 12 characters. Revoking marks the key, so ``list`` still shows it, and it answers 401 at once.
+
+Scopes say what a key is for: ``inference`` (the ``/v1`` API, the default and what a key
+stored before scopes existed has), ``metrics`` (read-only operator endpoints: ``/metrics``,
+``/dashboard``) and ``admin`` (everything). A Prometheus token is a ``metrics``-only key, so a
+leaked scrape token cannot spend GPU time or read jobs, and a tenant's key cannot read the
+cluster's figures or the other tenants' recent requests on the dashboard.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import hashlib
 import json
 import re
 import secrets
+from enum import StrEnum
 
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
@@ -26,6 +33,12 @@ ID_CHARS = 12
 TENANT = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
+class Scope(StrEnum):
+    INFERENCE = "inference"
+    METRICS = "metrics"
+    ADMIN = "admin"
+
+
 class ApiKey(BaseModel):
     """What a key allows; ``rpm``/``tpm`` of 0 mean no limit, empty ``models`` means any."""
 
@@ -37,10 +50,15 @@ class ApiKey(BaseModel):
     tpm: int = Field(default=0, ge=0)
     revoked: bool = False
     created_at_ms: int = 0
+    scopes: list[Scope] = Field(default_factory=lambda: [Scope.INFERENCE])
 
     @property
     def id(self) -> str:
         return self.key_hash[:ID_CHARS]
+
+    def allows(self, scope: Scope) -> bool:
+        """Whether the key may do what ``scope`` names (``admin`` may do everything)."""
+        return Scope.ADMIN in self.scopes or scope in self.scopes
 
     def fields(self) -> dict[str, str]:
         return {
@@ -51,6 +69,7 @@ class ApiKey(BaseModel):
             "tpm": str(self.tpm),
             "revoked": "1" if self.revoked else "0",
             "created_at": str(self.created_at_ms),
+            "scopes": json.dumps([s.value for s in self.scopes]),
         }
 
     @classmethod
@@ -64,6 +83,7 @@ class ApiKey(BaseModel):
             tpm=int(raw.get("tpm") or 0),
             revoked=raw.get("revoked") == "1",
             created_at_ms=int(raw.get("created_at") or 0),
+            scopes=json.loads(raw.get("scopes") or '["inference"]'),
         )
 
 
@@ -80,10 +100,13 @@ async def create_key(
     max_priority: Priority = Priority.HIGH,
     rpm: int = 0,
     tpm: int = 0,
+    scopes: list[Scope] | None = None,
 ) -> tuple[str, ApiKey]:
     """A new key: the secret (shown once, never stored) and its stored record."""
     if not TENANT.match(tenant):
         raise ValueError("a tenant name is 1-64 letters, digits, '.', '_' or '-'")
+    if scopes is not None and not scopes:
+        raise ValueError("a key needs at least one scope")
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     record = ApiKey(
         key_hash=hash_key(secret),
@@ -93,6 +116,7 @@ async def create_key(
         rpm=rpm,
         tpm=tpm,
         created_at_ms=now_ms(),
+        scopes=sorted(set(scopes or [Scope.INFERENCE])),
     )
     async with redis.pipeline(transaction=False) as pipe:  # the record first, then the index
         pipe.hset(keys.api_key(record.key_hash), mapping=record.fields())

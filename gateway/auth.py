@@ -8,19 +8,32 @@ missing, unknown or revoked key is a 401 before the body is read, so nothing is 
 What a key allows is checked once the job is built (``authorize``): a model outside the key's
 list is a 403 (``model_not_allowed``); a priority above the key's ceiling is lowered to the
 ceiling, not refused, so one client setting ``X-Priority: high`` for everyone still works.
+A key without the ``inference`` scope (a Prometheus token) is a 403 on ``/v1``.
+
+Operator endpoints (``/metrics``, ``/dashboard`` and its data) are guarded by
+``require_operator``: with auth on they need a key with the ``metrics`` or ``admin`` scope.
+Prometheus sends it as a bearer token (``authorization`` in its scrape config); a browser sends
+it as the password of HTTP Basic auth (the 401 carries a Basic challenge, so the browser asks
+once and then sends it with every request of the page, the dashboard's polls included). One
+credential store, one revocation path, no second listener to firewall.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+
 from fastapi import Request
 
-from gateway.apikeys import ApiKey, lookup
+from gateway.apikeys import ApiKey, Scope, lookup
 from gateway.state import gateway_state
 from shared.errors import Forbidden, Unauthorized
 from shared.models import Job
 
 ANONYMOUS = "anonymous"
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="slipstream"'}
+OPERATOR_CHALLENGE = {"WWW-Authenticate": 'Basic realm="slipstream operator", charset="UTF-8"'}
+OPERATOR_SCOPES = (Scope.METRICS, Scope.ADMIN)
 
 
 def presented_key(request: Request) -> str | None:
@@ -29,6 +42,19 @@ def presented_key(request: Request) -> str | None:
         scheme, _, value = header.partition(" ")
         return value.strip() if scheme.lower() == "bearer" and value.strip() else None
     return request.headers.get("api-key") or request.headers.get("x-api-key")
+
+
+def basic_password(request: Request) -> str | None:
+    """The key sent as HTTP Basic credentials: the password, or the user when it is empty
+    (``curl -u sk-slip-...:``); None when the header is not Basic or does not decode."""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, _, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return password or user or None
 
 
 async def authenticate(request: Request) -> None:
@@ -46,8 +72,40 @@ async def authenticate(request: Request) -> None:
     key = await lookup(state.redis, state.keys, secret)
     if key is None or key.revoked:
         raise Unauthorized("invalid or revoked API key", headers=CHALLENGE)
+    if not key.allows(Scope.INFERENCE):
+        raise Forbidden(
+            "this API key has no 'inference' scope (it is for operator endpoints)",
+            code="insufficient_scope",
+        )
     request.state.api_key = key
     request.state.tenant = key.tenant
+
+
+async def require_operator(request: Request) -> None:
+    """Router dependency of the operator endpoints: with auth on, a key with the ``metrics`` or
+    ``admin`` scope (bearer or Basic), else 401 (no or unknown key) or 403 (a tenant's key).
+
+    With auth off every endpoint is open, as the ``/v1`` API is: bind the gateway to a trusted
+    network then.
+    """
+    state = gateway_state(request)
+    if not state.settings.auth_required:
+        return
+    secret = basic_password(request) or presented_key(request)
+    if secret is None:
+        raise Unauthorized(
+            "operator endpoint: send an API key with the 'metrics' or 'admin' scope "
+            "('Authorization: Bearer sk-slip-...', or as the Basic auth password)",
+            headers=OPERATOR_CHALLENGE,
+        )
+    key = await lookup(state.redis, state.keys, secret)
+    if key is None or key.revoked:
+        raise Unauthorized("invalid or revoked API key", headers=OPERATOR_CHALLENGE)
+    if not any(key.allows(scope) for scope in OPERATOR_SCOPES):
+        raise Forbidden(
+            "this API key has neither the 'metrics' nor the 'admin' scope",
+            code="insufficient_scope",
+        )
 
 
 def tenant_of(request: Request) -> str:

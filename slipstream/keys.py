@@ -15,7 +15,7 @@ from typing import Annotated, TypeVar
 import typer
 from redis.asyncio import Redis
 
-from gateway.apikeys import ApiKey, create_key, list_keys, revoke_key
+from gateway.apikeys import ApiKey, Scope, create_key, list_keys, revoke_key
 from shared.keys import Keys
 from shared.models import Priority
 from shared.redis import connect
@@ -44,7 +44,8 @@ def describe(key: ApiKey) -> str:
     status = "revoked" if key.revoked else "active"
     return (
         f"{key.id}  {key.tenant:<16} {status:<8} models={models} max_priority="
-        f"{key.max_priority.value} rpm={key.rpm or '-'} tpm={key.tpm or '-'} created={created}Z"
+        f"{key.max_priority.value} rpm={key.rpm or '-'} tpm={key.tpm or '-'} "
+        f"scopes={','.join(key.scopes)} created={created}Z"
     )
 
 
@@ -59,12 +60,23 @@ def create(
     ] = Priority.HIGH,
     rpm: Annotated[int, typer.Option(min=0, help="Requests per minute (0: no limit)")] = 0,
     tpm: Annotated[int, typer.Option(min=0, help="Tokens per minute (0: no limit)")] = 0,
+    scope: Annotated[
+        list[Scope] | None,
+        typer.Option(help="inference (/v1, the default), metrics (/metrics, /dashboard), admin"),
+    ] = None,
 ) -> None:
     """Create a key and print it (the only time it is shown)."""
     try:
         secret, record = _run(
             lambda r, k: create_key(
-                r, k, tenant, models=model, max_priority=max_priority, rpm=rpm, tpm=tpm
+                r,
+                k,
+                tenant,
+                models=model,
+                max_priority=max_priority,
+                rpm=rpm,
+                tpm=tpm,
+                scopes=scope,
             )
         )
     except ValueError as exc:

@@ -1,5 +1,9 @@
 """The live dashboard in headless Chromium while jobs run: numbers move and match /metrics.
 
+Auth is on, as in the shipped deployments: the browser opens the page with a ``metrics`` key
+as its Basic auth password (what a person types into the browser's prompt), the page's polls
+carry it, and the load runs with a tenant's ``inference`` key.
+
 Leaves a full-page screenshot at ``artifacts/dashboard.png``.
 """
 
@@ -13,7 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
 
+from gateway.apikeys import Scope, create_key
+from shared.keys import Keys
 from tests.browser import Page, chromium, chromium_path
 from tests.helpers import (
     free_port,
@@ -29,9 +36,10 @@ PRIORITIES = ("high", "normal", "low")
 pytestmark = pytest.mark.slow
 
 
-async def client_loop(base: str, n: int, stop: asyncio.Event) -> None:
+async def client_loop(base: str, secret: str, n: int, stop: asyncio.Event) -> None:
     """One client sending requests back to back: mixed priorities, streams, a few deadlines."""
-    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+    auth = {"Authorization": f"Bearer {secret}"}
+    async with httpx.AsyncClient(base_url=base, timeout=30, headers=auth) as client:
         k = 0
         while not stop.is_set():
             k += 1
@@ -46,9 +54,9 @@ async def client_loop(base: str, n: int, stop: asyncio.Event) -> None:
 
 
 @contextlib.asynccontextmanager
-async def load(base: str, clients: int = 6) -> AsyncIterator[None]:
+async def load(base: str, secret: str, clients: int = 6) -> AsyncIterator[None]:
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(client_loop(base, n, stop)) for n in range(clients)]
+    tasks = [asyncio.create_task(client_loop(base, secret, n, stop)) for n in range(clients)]
     try:
         yield
     finally:
@@ -56,10 +64,13 @@ async def load(base: str, clients: int = 6) -> AsyncIterator[None]:
         await asyncio.wait_for(asyncio.gather(*tasks), 30)
 
 
-async def scrape(base: str) -> dict[str, float]:
-    """Sums of every sample in ``/metrics`` by sample name."""
+async def scrape(base: str, secret: str) -> dict[str, float]:
+    """Sums of every sample in ``/metrics`` by sample name (as Prometheus scrapes: bearer)."""
+    auth = {"Authorization": f"Bearer {secret}"}
     async with httpx.AsyncClient(timeout=10) as client:
-        text = (await client.get(f"{base}/metrics")).text
+        response = await client.get(f"{base}/metrics", headers=auth)
+        assert response.status_code == 200
+        text = response.text
     sums: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -78,8 +89,10 @@ async def wait_until_stat(page: Page, name: str, want: float, timeout: float = 5
     return seen
 
 
-async def test_dashboard_live_in_chromium(redis_url: str, tmp_path: Path) -> None:
+async def test_dashboard_live_in_chromium(redis_url: str, redis: Redis, tmp_path: Path) -> None:
     chromium_path()  # fails with a clear message when the browser is missing
+    ops, _ = await create_key(redis, Keys(), "ops", scopes=[Scope.METRICS])
+    tenant, _ = await create_key(redis, Keys(), "acme")
     worker = worker_settings(
         redis_url,
         capacity_tokens=60,  # two jobs (about 27 tokens each) at a time
@@ -91,13 +104,18 @@ async def test_dashboard_live_in_chromium(redis_url: str, tmp_path: Path) -> Non
         heartbeat_s=1.0,  # the default; a 0.2 s beat under this load trips a worker-stop race
     )
     async with (
-        running_gateway(gateway_settings(redis_url)) as base,
+        running_gateway(gateway_settings(redis_url, auth_required=True)) as base,
         running_worker(worker),
         chromium(tmp_path / "profile") as page,
     ):
-        await page.navigate(f"{base}/dashboard")
+        async with httpx.AsyncClient(timeout=10) as client:  # no key, a tenant's key
+            assert (await client.get(f"{base}/dashboard")).status_code == 401
+            bearer = {"Authorization": f"Bearer {tenant}"}
+            assert (await client.get(f"{base}/dashboard/data", headers=bearer)).status_code == 403
+        await page.navigate(base.replace("http://", f"http://ops:{ops}@") + "/dashboard")
         await page.wait_for("window.slipstream && window.slipstream.polls > 0")
-        async with load(base):
+        assert await page.evaluate("window.slipstream.errors") == 0
+        async with load(base, tenant):
             before = await stat(page, "requests")
             streamed_before = await stat(page, "streamed")
             await asyncio.sleep(8)  # the charts gather a few seconds of history
@@ -114,7 +132,7 @@ async def test_dashboard_live_in_chromium(redis_url: str, tmp_path: Path) -> Non
             await page.screenshot(ARTIFACTS / "dashboard.png")
 
         # Load stopped: once the page has polled again it shows exactly what /metrics says.
-        metrics = await scrape(base)
+        metrics = await scrape(base, ops)
         total = metrics["slipstream_gateway_requests_total"]
         assert total > 0
         assert await wait_until_stat(page, "requests", total) == total

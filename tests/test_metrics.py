@@ -11,6 +11,7 @@ from fastapi import Request
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
+from gateway.apikeys import Scope, create_key, revoke_key
 from gateway.app import create_app
 from shared.errors import Overloaded
 from shared.jobs import JobStore
@@ -159,3 +160,53 @@ async def test_worker_metrics_server_paths_and_clean_stop(redis_url: str) -> Non
         assert head.status_code == 200 and head.content == b""
     with pytest.raises(ConnectionRefusedError):  # stopped: nothing listens any more
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+async def test_operator_endpoints_need_a_metrics_or_admin_key(redis_url: str, redis: Redis) -> None:
+    """With auth on: no key 401 (Basic challenge, so a browser asks), a tenant's key 403, a
+    ``metrics`` or ``admin`` key 200 as a bearer token (Prometheus) or a Basic password
+    (browser); a ``metrics`` key cannot submit work; a revoked one is 401."""
+    keys = Keys()
+    tenant, _ = await create_key(redis, keys, "acme")
+    ops, ops_record = await create_key(redis, keys, "prometheus", scopes=[Scope.METRICS])
+    admin, _ = await create_key(redis, keys, "root", scopes=[Scope.ADMIN])
+    paths = ["/metrics", "/dashboard", "/dashboard/data", "/dashboard/static/dashboard.js"]
+    settings = gateway_settings(redis_url, auth_required=True)
+    async with (
+        running_gateway(settings) as base,
+        httpx.AsyncClient(base_url=base, timeout=10) as client,
+    ):
+        for path in paths:
+            bare = await client.get(path)
+            assert bare.status_code == 401, path
+            assert bare.headers["www-authenticate"].startswith("Basic "), path
+            assert (await client.get(path, headers=bearer(tenant))).status_code == 403, path
+            assert (await client.get(path, headers=bearer("sk-slip-nope"))).status_code == 401
+            for secret in (ops, admin):
+                assert (await client.get(path, headers=bearer(secret))).status_code == 200, path
+            assert (await client.get(path, auth=("ops", ops))).status_code == 200, path
+            assert (await client.get(path, auth=(ops, ""))).status_code == 200, path
+        scraped = parse((await client.get("/metrics", headers=bearer(ops))).text)
+        assert value(scraped, "slipstream_live_workers", model="sim-model") == 0
+        job = {"model": "sim-model", "prompt": "hi", "max_tokens": 4}
+        refused = await client.post("/v1/jobs", json=job, headers=bearer(ops))
+        assert refused.status_code == 403
+        assert refused.json()["error"]["code"] == "insufficient_scope"
+        assert (await client.post("/v1/jobs", json=job, headers=bearer(admin))).status_code == 202
+        assert (await client.get("/healthz")).status_code == 200  # probes stay open
+        assert (await client.get("/readyz")).status_code == 200
+        await revoke_key(redis, keys, ops_record.id)
+        assert (await client.get("/metrics", headers=bearer(ops))).status_code == 401
+
+
+async def test_operator_endpoints_open_when_auth_is_off(redis_url: str) -> None:
+    async with (
+        running_gateway(gateway_settings(redis_url)) as base,
+        httpx.AsyncClient(base_url=base, timeout=10) as client,
+    ):
+        for path in ("/metrics", "/dashboard", "/dashboard/data"):
+            assert (await client.get(path)).status_code == 200, path
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}

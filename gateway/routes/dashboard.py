@@ -2,6 +2,9 @@
 
 The page polls ``GET /dashboard/data`` every second. That JSON is read back from the same
 Prometheus registry ``/metrics`` renders (after the same cluster refresh), so the two agree.
+Every path here is an operator endpoint (``gateway.auth.require_operator``): with auth on, the
+browser is asked for a ``metrics`` or ``admin`` key (the Basic auth password) once, then sends
+it with the page's polls.
 """
 
 from __future__ import annotations
@@ -10,15 +13,16 @@ import time
 from importlib import resources
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from gateway.auth import require_operator
 from gateway.cluster import ClusterSnapshot
 from gateway.routes.metrics import refresh_cluster
 from gateway.state import gateway_state
 from shared.errors import NotFound
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(require_operator)])
 STATIC = {
     "dashboard.js": "text/javascript; charset=utf-8",
     "dashboard.css": "text/css; charset=utf-8",

@@ -1,9 +1,15 @@
-"""``/healthz`` and ``/health`` (the process answers), ``/readyz`` (Redis answers, not draining)."""
+"""``/healthz`` and ``/health`` (the process answers), ``/readyz`` (Redis answers, not draining).
+
+The probes stay open with auth on (a kubelet or a load balancer presents no key), so they say
+no more than ok / draining / Redis unreachable: why Redis is unreachable (its address, say)
+goes to the log, not to whoever asks.
+"""
 
 from __future__ import annotations
 
 import asyncio
 
+import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
@@ -11,6 +17,7 @@ from redis.exceptions import RedisError
 from gateway.state import gateway_state
 
 router = APIRouter()
+log = structlog.get_logger("slipstream.gateway")
 
 
 @router.get("/healthz", include_in_schema=False)
@@ -27,5 +34,6 @@ async def readyz(request: Request) -> JSONResponse:
     try:
         await asyncio.wait_for(state.redis.ping(), 2.0)
     except (RedisError, OSError, TimeoutError) as exc:
-        return JSONResponse({"status": "redis unreachable", "error": str(exc)}, status_code=503)
+        log.warning("readyz_redis_unreachable", error=str(exc) or type(exc).__name__)
+        return JSONResponse({"status": "redis unreachable"}, status_code=503)
     return JSONResponse({"status": "ready"})

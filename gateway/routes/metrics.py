@@ -1,20 +1,25 @@
-"""``GET /metrics``: Prometheus text format, cluster gauges read from Redis at scrape time."""
+"""``GET /metrics``: Prometheus text format, cluster gauges read from Redis at scrape time.
+
+An operator endpoint: with auth on it needs a key with the ``metrics`` or ``admin`` scope
+(``gateway.auth.require_operator``); Prometheus sends it as a bearer token.
+"""
 
 from __future__ import annotations
 
 import asyncio
 
 import structlog
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
+from gateway.auth import require_operator
 from gateway.cluster import ClusterSnapshot, read_cluster
 from gateway.state import GatewayState, gateway_state
 from shared.errors import Overloaded, SlipstreamError
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(require_operator)])
 log = structlog.get_logger("slipstream.gateway")
 CLUSTER_READ_TIMEOUT_S = 2.0
 

@@ -233,7 +233,14 @@ function render(data) {
 
 async function poll() {
   try {
-    const response = await fetch("/dashboard/data", { cache: "no-store" });
+    // From the origin, never the page's URL: a page opened as http://user:key@host/ would
+    // resolve a relative URL with the credentials in it, which fetch() refuses. The browser
+    // sends the Basic credentials it was given for this page on its own.
+    const url = new URL("/dashboard/data", window.location.origin);
+    const response = await fetch(url, { cache: "no-store", credentials: "same-origin" });
+    if (response.status === 401 || response.status === 403) {
+      throw new Error(`HTTP ${response.status}: needs a key with the 'metrics' or 'admin' scope`);
+    }
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const data = await response.json();
     record(data);
