@@ -50,6 +50,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 ttl_s=settings.job_log_ttl_s,
                 fair_share_tokens=settings.fair_share_tokens,
                 affinity=settings.affinity_policy(),
+                min_replicas=settings.redis_min_replicas,
+                replica_wait_ms=settings.redis_replica_wait_ms,
             ),
             mux=mux,
             admission=Admission(redis, keys, settings),

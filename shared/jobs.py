@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import structlog
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
@@ -16,6 +17,8 @@ from shared import lua, lua_pull
 from shared.affinity import AffinityPolicy
 from shared.keys import CONSUMER_GROUP, Keys
 from shared.models import EventBatch, Job, JobState, Priority
+
+log = structlog.get_logger("slipstream.jobs")
 
 
 def now_ms() -> int:
@@ -70,8 +73,13 @@ class JobStore:
         ttl_s: int,
         fair_share_tokens: int = 0,
         affinity: AffinityPolicy | None = None,
+        min_replicas: int = 0,
+        replica_wait_ms: int = 500,
     ) -> None:
         self.redis = redis
+        # WAIT after an enqueue and a job's end (docs/reliability.md): 0 waits for nothing
+        self.min_replicas = min_replicas
+        self.replica_wait_ms = replica_wait_ms
         self.keys = keys
         self.ttl_ms = ttl_s * 1000
         self.fair_share_tokens = fair_share_tokens
@@ -84,6 +92,7 @@ class JobStore:
         self._handback = redis.register_script(lua.HANDBACK)
         self._sweep = redis.register_script(lua.SWEEP)
         self._release = redis.register_script(lua_pull.RELEASE)
+        self.unreplicated = 0  # writes whose WAIT heard from fewer than min_replicas
 
     # --- gateway side -------------------------------------------------------------------
     def job_ttl_ms(self, job: Job) -> int:
@@ -114,18 +123,34 @@ class JobStore:
             k.model_prefix(job.model),
             self.affinity.enqueue_arg(job) if self.affinity else "{}",
         ]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(k.job_index(job.id), job.model, px=ttl_ms)
-            pipe.evalsha(self._enqueue.sha, len(keys), *keys, *map(str, args))
-            replies = await pipe.execute(raise_on_error=False)
-        entry = replies[1]
-        if isinstance(replies[0], Exception):
-            raise replies[0]
-        if isinstance(entry, NoScriptError):
-            entry = await self._enqueue(keys=keys, args=args)
-        elif isinstance(entry, Exception):
+        for attempt in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.set(k.job_index(job.id), job.model, px=ttl_ms)
+                pipe.evalsha(self._enqueue.sha, len(keys), *keys, *map(str, args))
+                self._wait_replicas(pipe)  # on the connection that wrote: WAIT is per client
+                replies = await pipe.execute(raise_on_error=False)
+            if isinstance(replies[0], Exception):
+                raise replies[0]
+            entry = replies[1]
+            if not (isinstance(entry, NoScriptError) and attempt == 0):
+                break
+            await self.redis.script_load(lua.ENQUEUE)  # a restarted or new master
+        if isinstance(entry, Exception):
             raise entry
+        self._check_replicas(replies[2:], "enqueue", job.id)
         return str(entry)
+
+    def _wait_replicas(self, pipe: Any) -> None:
+        if self.min_replicas:
+            pipe.execute_command("WAIT", self.min_replicas, self.replica_wait_ms)
+
+    def _check_replicas(self, replies: Sequence[Any], what: str, job_id: str) -> None:
+        """A WAIT that heard from fewer replicas than asked: the write stands (WAIT cannot
+        undo it) but a failover now may lose it; said in the log, counted for metrics."""
+        acked: Any = replies[-1] if replies else 0
+        if self.min_replicas and (isinstance(acked, Exception) or int(acked) < self.min_replicas):
+            self.unreplicated += 1
+            log.warning("write_not_replicated", write=what, job_id=job_id, replicas=str(acked))
 
     async def cancel(
         self,
@@ -259,12 +284,18 @@ class JobStore:
         calls = [self._emit_call(e) for e in emits]
         results: list[bool | Exception] = [False] * len(calls)
         todo = list(range(len(calls)))
+        ends = [e.claimed.job.id for e in emits if e.terminal is not None]
         for attempt in range(2):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for i in todo:
                     keys, args = calls[i]
                     pipe.evalsha(self._emit.sha, len(keys), *keys, *map(str, args))
+                if ends:  # a job's end waits for replicas (its tokens ride along)
+                    self._wait_replicas(pipe)
                 replies = await pipe.execute(raise_on_error=False)
+            if ends and self.min_replicas:
+                self._check_replicas(replies[-1:], "end", ",".join(ends))
+                replies = replies[:-1]
             missing = []
             for i, reply in zip(todo, replies, strict=True):
                 if isinstance(reply, NoScriptError) and attempt == 0:

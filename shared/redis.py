@@ -1,18 +1,23 @@
-"""The one way to open a Redis connection: timeouts on, retries with jittered backoff."""
+"""The one way to open a Redis connection: timeouts on, retries with jittered backoff, and
+Sentinel-managed masters (``redis+sentinel://``) for high availability."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared.settings import SentinelUrl, parse_sentinel_url
+
 T = TypeVar("T")
+R = TypeVar("R", bound=Redis)
 
 
 class _Retry(Retry):
@@ -47,34 +52,103 @@ class _Refused(Exception):
         self.error = error
 
 
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """redis-py's Sentinel pool (each new connection asks the sentinels for the master, and
+    idle connections to a replaced master are dropped) that waits for a free connection
+    like ours instead of failing with "Too many connections"."""
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        if inuse_connections:  # the client closes (a new master drops only idle ones)
+            for sentinel in self.sentinel_manager.sentinels:
+                await sentinel.aclose()
+
+
+@overload
 def connect(
     url: str,
     *,
     socket_timeout: float | None = 10.0,
     max_connections: int | None = 512,
     client_name: str | None = None,
+    decode_responses: bool = True,
+) -> Redis: ...
+
+
+@overload
+def connect(
+    url: str,
+    *,
+    socket_timeout: float | None = 10.0,
+    max_connections: int | None = 512,
+    client_name: str | None = None,
+    decode_responses: bool = True,
+    redis_class: type[R],
+) -> R: ...
+
+
+def connect(
+    url: str,
+    *,
+    socket_timeout: float | None = 10.0,
+    max_connections: int | None = 512,
+    client_name: str | None = None,
+    decode_responses: bool = True,
+    redis_class: type[Redis] = Redis,
 ) -> Redis:
-    """A pooled async client for ``url`` (``redis://``, ``rediss://`` or ``unix://``).
+    """A pooled async client for ``url``: ``redis://``, ``rediss://``, ``unix://``, or a
+    Sentinel URL (``redis+sentinel://``, ``rediss+sentinel://``; ``shared/settings.py``).
 
     ``socket_timeout`` bounds every reply; blocking commands pass a smaller ``BLOCK`` than it.
     Connection errors are retried with equal-jitter backoff so that a fleet reconnecting after
     a Redis restart does not arrive as one herd. A retry may replay a command that already ran
-    (only its reply was lost): every Lua script is safe to repeat (``shared/lua.py``).
+    (only its reply was lost): every Lua script is safe to repeat (``shared/lua.py``). Under
+    Sentinel every (re)connection asks the sentinels for the master first, so the same retries
+    carry a command across a failover once the sentinels have promoted a replica.
     """
-    retry = _Retry(EqualJitterBackoff(cap=2.0, base=0.05), retries=6)
-    # Blocking: a burst of more concurrent commands than connections waits for a free one
-    # (up to ``socket_timeout``) instead of failing with "Too many connections".
-    pool = BlockingConnectionPool.from_url(
-        url,
-        decode_responses=True,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=5.0,
-        health_check_interval=15,
-        retry=retry,
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        max_connections=max_connections or 512,
-        timeout=socket_timeout,
-        client_name=client_name,
+    options: dict[str, Any] = {
+        "decode_responses": decode_responses,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": 5.0,
+        "health_check_interval": 15,
+        "retry": _Retry(EqualJitterBackoff(cap=2.0, base=0.05), retries=6),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+        # Blocking: a burst of more concurrent commands than connections waits for a free one
+        # (up to ``socket_timeout``) instead of failing with "Too many connections".
+        "max_connections": max_connections or 512,
+        "timeout": socket_timeout,
+        "client_name": client_name,
+    }
+    target = parse_sentinel_url(url)
+    if target is not None:
+        return _sentinel_master(target, redis_class, options)
+    pool = BlockingConnectionPool.from_url(url, **options)
+    return redis_class.from_pool(pool)  # aclose() closes the pool too
+
+
+def _sentinel_master(
+    target: SentinelUrl, redis_class: type[Redis], options: dict[str, Any]
+) -> Redis:
+    """A client of ``target``'s current master, found through its sentinels."""
+    tls: dict[str, Any] = {"ssl": True, **target.tls_options} if target.tls else {}
+    sentinel_options = {
+        "socket_timeout": min(options["socket_timeout"] or 2.0, 2.0),  # ask the next one
+        "socket_connect_timeout": options["socket_connect_timeout"],
+        "username": target.sentinel_username,
+        "password": target.sentinel_password,
+        **tls,
+    }
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(target.sentinels), sentinel_kwargs=sentinel_options
     )
-    client: Redis = Redis.from_pool(pool)  # aclose() closes the pool too
+    client: Redis = sentinel.master_for(
+        target.service,
+        redis_class=redis_class,
+        connection_pool_class=_BlockingSentinelPool,
+        db=target.db,
+        username=target.username,
+        password=target.password,
+        **tls,
+        **options,
+    )
     return client

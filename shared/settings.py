@@ -1,9 +1,96 @@
-"""Settings common to every Slipstream process, read from environment variables."""
+"""Settings common to every Slipstream process, read from environment variables; and the one
+reading of a Redis URL (plain, TLS, unix socket, or Sentinel).
+
+Sentinel URLs (``redis+sentinel://``, ``rediss+sentinel://`` for TLS) name the sentinels, not
+a server: every process asks them for the current master, and asks again after a failover::
+
+    redis+sentinel://[[user]:password@]host1[:26379][,host2[:26379]...]/service[/db][?options]
+
+``user``/``password`` log in to the master (and replicas); the sentinels take their own
+``sentinel_username``/``sentinel_password`` options (most deployments protect them
+separately). ``rediss+sentinel`` speaks TLS to both; ``ssl_ca_certs``, ``ssl_certfile``,
+``ssl_keyfile`` and ``ssl_cert_reqs`` (``required``, ``optional``, ``none``) tune it.
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, unquote
+
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}  # scheme -> TLS
+SENTINEL_PORT = 26379
+_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
+_OPTIONS = ("sentinel_username", "sentinel_password", *_TLS_OPTIONS)
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    """A parsed ``redis+sentinel://`` URL: where the sentinels are and what to ask them."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+    tls: bool = False
+    tls_options: dict[str, str] = field(default_factory=dict)
+
+
+def _host_port(part: str) -> tuple[str, int]:
+    if part.startswith("["):  # [::1]:26379
+        host, _, rest = part[1:].partition("]")
+        port = rest.removeprefix(":")
+    else:
+        host, _, port = part.partition(":")
+    if not host:
+        raise ValueError(f"a sentinel address has no host: {part!r}")
+    if port and not port.isdigit():
+        raise ValueError(f"a sentinel port is not a number: {part!r}")
+    return host, int(port) if port else SENTINEL_PORT
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl | None:
+    """The Sentinel URL's parts, or None when ``url`` is not a Sentinel URL (plain Redis).
+
+    Raises ``ValueError`` for a malformed one: no sentinel, no service name, a bad db or an
+    unknown option (a typo in a TLS option must not silently turn verification off)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in SENTINEL_SCHEMES:
+        return None
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not at:
+        hosts, userinfo = netloc, ""
+    username, colon, password = userinfo.partition(":")
+    if not colon:  # "user@" alone is a password, as redis-py reads "redis://secret@host"
+        username, password = "", username
+    sentinels = tuple(_host_port(h) for h in hosts.split(",") if h)
+    service, _, db = path.strip("/").partition("/")
+    if not sentinels or not service:
+        raise ValueError("a Sentinel URL needs at least one sentinel and a service name")
+    if db and not db.isdigit():
+        raise ValueError(f"the database must be a number, not {db!r}")
+    options = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown Sentinel URL option(s): {', '.join(unknown)}")
+    return SentinelUrl(
+        sentinels=sentinels,
+        service=unquote(service),
+        db=int(db or 0),
+        username=unquote(username) or None,
+        password=unquote(password) or None,
+        sentinel_username=options.get("sentinel_username") or None,
+        sentinel_password=options.get("sentinel_password") or None,
+        tls=SENTINEL_SCHEMES[scheme.lower()],
+        tls_options={k: v for k, v in options.items() if k in _TLS_OPTIONS},
+    )
 
 
 class CommonSettings(BaseSettings):
@@ -14,7 +101,24 @@ class CommonSettings(BaseSettings):
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
         validation_alias="REDIS_URL",
-        description="Redis to meet in (redis://, rediss:// for TLS, unix://)",
+        description=(
+            "Redis to meet in (redis://, rediss:// for TLS, unix://, or Sentinel: "
+            "redis+sentinel://[:password@]host:26379,host2:26379/service[/db], "
+            "rediss+sentinel:// for TLS)"
+        ),
+    )
+    redis_min_replicas: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "WAIT for this many replicas after each enqueue and each job's end "
+            "(0: no wait; see docs/reliability.md)"
+        ),
+    )
+    redis_replica_wait_ms: int = Field(
+        default=500,
+        gt=0,
+        description="Longest WAIT for SLIPSTREAM_REDIS_MIN_REPLICAS (a shortfall is logged)",
     )
     prefix: str = Field(default="slip", description="Prefix of every Redis key")
     heartbeat_s: float = Field(default=1.0, gt=0, description="Worker heartbeat period")
@@ -31,3 +135,9 @@ class CommonSettings(BaseSettings):
     )
     log_format: str = Field(default="json", description="json (one object per line) or console")
     log_level: str = Field(default="info", description="debug, info, warning or error")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _known_url(cls, url: str) -> str:
+        parse_sentinel_url(url)  # a malformed Sentinel URL fails at start, not at first use
+        return url

@@ -33,7 +33,7 @@ from typing import Any
 
 import structlog
 from arq import cron
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis
 from arq.cron import CronJob
 from arq.worker import Worker as ArqWorker
 from pydantic import Field, field_validator
@@ -314,6 +314,19 @@ def cron_jobs(interval_s: int) -> list[CronJob]:
     ]
 
 
+def arq_pool(url: str) -> ArqRedis:
+    """arq's client from ``shared.redis.connect``, not arq's own ``RedisSettings``: so every
+    URL the other processes take works here too (Sentinel with its own credentials and TLS,
+    which arq's ``RedisSettings(sentinel=True)`` cannot pass to the sentinels), with the same
+    retries across a failover. arq stores bytes: no response decoding."""
+    pool = connect(
+        url, client_name="slipstream-janitor-arq", decode_responses=False, redis_class=ArqRedis
+    )
+    pool.job_serializer = json_dumps
+    pool.job_deserializer = json_loads
+    return pool
+
+
 def build_worker(settings: JanitorSettings, *, handle_signals: bool = True) -> ArqWorker:
     """The arq worker running the janitor's cron jobs (call inside a running event loop)."""
     keys = Keys(settings.prefix)
@@ -332,7 +345,7 @@ def build_worker(settings: JanitorSettings, *, handle_signals: bool = True) -> A
 
     return ArqWorker(
         cron_jobs=cron_jobs(settings.janitor_interval_s),
-        redis_settings=RedisSettings.from_dsn(settings.redis_url),
+        redis_pool=arq_pool(settings.redis_url),
         queue_name=keys.janitor_queue,
         health_check_key=f"{keys.janitor_queue}:health",
         job_serializer=json_dumps,

@@ -12,7 +12,7 @@ import time
 from urllib.parse import urlparse
 
 from shared.redis import connect
-from shared.settings import CommonSettings
+from shared.settings import CommonSettings, parse_sentinel_url
 
 
 async def _redis_answers(url: str) -> bool:
@@ -79,6 +79,10 @@ def run_local(engine: str, model: str, port: int, workers: int) -> int:
     }
     children: list[subprocess.Popen[bytes]] = []
     if not asyncio.run(_redis_answers(settings.redis_url)):
+        if parse_sentinel_url(settings.redis_url) is not None:  # not ours to start
+            raise SystemExit(
+                f"no Redis master answers through the sentinels of {settings.redis_url}"
+            )
         children.append(_start_redis(settings.redis_url))
         if not asyncio.run(_wait_redis(settings.redis_url, 10.0)):
             _stop(children)

@@ -36,7 +36,13 @@ class Worker:
         self.redis = redis
         self.engine = engine
         self.keys = Keys(settings.prefix)
-        self.store = JobStore(redis, self.keys, ttl_s=settings.job_log_ttl_s)
+        self.store = JobStore(
+            redis,
+            self.keys,
+            ttl_s=settings.job_log_ttl_s,
+            min_replicas=settings.redis_min_replicas,  # WAIT after a job's end
+            replica_wait_ms=settings.redis_replica_wait_ms,
+        )
         self.emits = EmitBatcher(self.store)  # all jobs' event batches share round trips
         tokens, seqs = engine.capacity() or (settings.capacity_tokens, settings.max_seqs)
         self.capacity = Capacity(tokens, seqs)

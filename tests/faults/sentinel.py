@@ -1,0 +1,167 @@
+"""A real Sentinel deployment on loopback: a master, replicas and three ``redis-sentinel``
+processes (Debian's ``redis-sentinel`` package), for the failover test and benchmark.
+
+Sentinels watch with a short ``down-after-milliseconds`` so that a failover takes about two
+seconds instead of the default thirty; everything else is Redis's defaults.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from tests.helpers import RedisProcess, free_port, start_redis, wait_for_port
+
+SERVICE = "mymaster"
+
+
+@dataclass
+class SentinelSet:
+    """The master, its replicas and the sentinels watching them."""
+
+    master: RedisProcess
+    replicas: list[RedisProcess]
+    sentinels: list[tuple[int, subprocess.Popen[bytes]]] = field(default_factory=list)
+    password: str | None = None
+    down_after_ms: int = 500
+
+    @classmethod
+    def start(
+        cls, *, replicas: int = 1, password: str | None = None, down_after_ms: int = 500
+    ) -> SentinelSet:
+        auth = ["--requirepass", password, "--masterauth", password] if password else []
+        master = start_redis("--repl-diskless-sync-delay", "0", *auth)
+        copies = [
+            start_redis(
+                "--replicaof",
+                "127.0.0.1",
+                str(master.port),
+                "--repl-diskless-sync-delay",
+                "0",
+                *auth,
+            )
+            for _ in range(replicas)
+        ]
+        group = cls(master, copies, password=password, down_after_ms=down_after_ms)
+        try:
+            for _ in range(3):
+                group.sentinels.append(group._start_sentinel())
+            group.wait_ready()
+        except BaseException:
+            group.stop()
+            raise
+        return group
+
+    def _start_sentinel(self) -> tuple[int, subprocess.Popen[bytes]]:
+        binary = shutil.which("redis-sentinel")
+        assert binary, "redis-sentinel must be installed (scripts/install-system-deps.sh)"
+        port = free_port()
+        workdir = Path(tempfile.mkdtemp(prefix="slip-sentinel-"))
+        lines = [
+            f"port {port}",
+            "bind 127.0.0.1",
+            f"dir {workdir}",
+            f"sentinel monitor {SERVICE} 127.0.0.1 {self.master.port} 2",
+            f"sentinel down-after-milliseconds {SERVICE} {self.down_after_ms}",
+            f"sentinel failover-timeout {SERVICE} 5000",
+            f"sentinel parallel-syncs {SERVICE} 1",
+        ]
+        if self.password:
+            lines.append(f"sentinel auth-pass {SERVICE} {self.password}")
+        conf = workdir / "sentinel.conf"
+        conf.write_text("\n".join(lines) + "\n")  # sentinel rewrites it: a file of its own
+        proc = subprocess.Popen([binary, str(conf)], stdout=subprocess.DEVNULL)
+        wait_for_port(port)
+        return port, proc
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{port}" for port, _ in self.sentinels)
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis+sentinel://{auth}{hosts}/{SERVICE}/0"
+
+    def _ask(self, port: int, *command: str) -> object:
+        with redis.Redis(port=port, socket_timeout=1.0, decode_responses=True) as client:
+            return client.execute_command(*command)
+
+    def master_port(self) -> int:
+        """The master as the first answering sentinel sees it."""
+        for port, _ in self.sentinels:
+            try:
+                reply = self._ask(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
+            except redis.RedisError:
+                continue
+            assert isinstance(reply, list)
+            return int(reply[1])
+        raise RuntimeError("no sentinel answers")
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Every sentinel knows the others and the replicas, and the replicas are in sync."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self._in_sync() and all(self._ready(port) for port, _ in self.sentinels):
+                return
+            time.sleep(0.1)
+        raise TimeoutError("the sentinels did not discover each other and the replicas")
+
+    def _in_sync(self) -> bool:
+        """Every replica finished its first sync (a failover before it would lose all)."""
+        with redis.Redis(
+            port=self.master.port, password=self.password, socket_timeout=1.0
+        ) as client:
+            info = client.info("replication")
+        online = [k for k, v in info.items() if k.startswith("slave") and "online" in str(v)]
+        return len(online) >= len(self.replicas)
+
+    def _ready(self, port: int) -> bool:
+        try:
+            reply = self._ask(port, "SENTINEL", "MASTER", SERVICE)
+        except redis.RedisError:
+            return False
+        assert isinstance(reply, dict | list)
+        info = reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=True))
+        return (
+            int(info.get("num-other-sentinels", 0)) >= len(self.sentinels) - 1
+            and int(info.get("num-slaves", 0)) >= len(self.replicas)
+            and "s_down" not in str(info.get("flags", ""))
+        )
+
+    def kill_master(self) -> int:
+        """``kill -9`` the current master; returns its port."""
+        port = self.master_port()
+        for server in [self.master, *self.replicas]:
+            if server.port == port:
+                server.stop(kill=True)
+                return port
+        raise RuntimeError(f"no process of ours listens on the master's port {port}")
+
+    def wait_failover(self, old_port: int, timeout: float = 30.0) -> int:
+        """Wait until every sentinel names a new master; returns its port."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            ports = set()
+            for port, _ in self.sentinels:
+                try:
+                    reply = self._ask(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
+                except redis.RedisError:
+                    continue
+                assert isinstance(reply, list)
+                ports.add(int(reply[1]))
+            if len(ports) == 1 and old_port not in ports:
+                return ports.pop()
+            time.sleep(0.05)
+        raise TimeoutError("no failover")
+
+    def stop(self) -> None:
+        for _, proc in self.sentinels:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        for server in [self.master, *self.replicas]:
+            server.stop(kill=True)
