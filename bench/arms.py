@@ -276,8 +276,12 @@ class SlipstreamArm(Arm):
         *,
         gateway_env: dict[str, str] | None = None,
         worker_env: dict[str, str] | None = None,
+        gateway_cpus: frozenset[int] | None = None,
     ):
+        """``gateway_cpus``: pin the gateway there (``taskset``-like) instead of ``cpus``, so a
+        figure about the gateway is not about the processes sharing its core."""
         super().__init__(fleet, workdir, cpus)
+        self.gateway_cpus = gateway_cpus or cpus
         self.gateway_env = gateway_env or {}
         self.worker_env = worker_env or {}
         self.redis_port = 0
@@ -319,7 +323,7 @@ class SlipstreamArm(Arm):
         ]
         gw += ["--model", MODEL]
         self.gateway = self.group.start(
-            "gateway", "gateway", gw, cpus=self.cpus, env=self.gateway_env
+            "gateway", "gateway", gw, cpus=self.gateway_cpus, env=self.gateway_env
         )
         await self._start_workers(self.fleet)
         await wait_until(
@@ -399,5 +403,6 @@ def make_arm(name: str, fleet: list[Backend], workdir: Path, **options: Any) -> 
             cpus,
             gateway_env=options.get("gateway_env"),
             worker_env=options.get("worker_env"),
+            gateway_cpus=options.get("gateway_cpus"),
         )
     raise ValueError(f"unknown arm {name!r}; one of {', '.join(ARMS)}")
