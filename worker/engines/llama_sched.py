@@ -28,7 +28,7 @@ from shared.prefix import block_hashes
 from worker.engine import EngineError, GenerationStats
 from worker.engines.llama_cache import Entry, PrefixCache
 from worker.engines.llama_ctx import LlamaContext
-from worker.engines.llama_sampling import Sampler
+from worker.engines.llama_sampling import Sampler, SamplingSpec
 
 ROW_ALIGN = 8
 MAX_ROWS = 56
@@ -48,6 +48,7 @@ class Plan:
     seed: int | None
     text: str  # the rendered prompt text (fingerprinted for the warm advertisement)
     skip: int = 0  # sampling draws already spent (tokens delivered before a failover)
+    spec: SamplingSpec | None = None  # the job's features (top_k, penalties, grammar, ...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +239,15 @@ class Scheduler:
         seq.stats.cached_tokens = min(shared, len(seq.plan.prompt))
         seq.stats.prompt_tokens = len(seq.plan.prompt)
         plan = seq.plan
-        seq.sampler = Sampler(plan.temperature, plan.top_p, plan.seed, plan.skip)
+        seq.sampler = Sampler(
+            plan.temperature,
+            plan.top_p,
+            plan.seed,
+            plan.skip,
+            plan.spec,
+            prompt=plan.prompt,
+            produced=plan.produced,
+        )
         self.running.append(seq)
 
     # --- one step -------------------------------------------------------------------------
