@@ -55,7 +55,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             ),
             mux=mux,
             admission=Admission(redis, keys, settings),
-            limits=RateLimits(redis, settings.redis_url, settings.prefix),
+            limits=RateLimits(redis, keys),
             metrics=GatewayMetrics(CollectorRegistry()),
         )
         await state.admission.start()

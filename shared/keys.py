@@ -117,6 +117,15 @@ class Keys:
         """String: job id -> model, so the job API can find a job's keys."""
         return f"{self.prefix}:jobidx:{job_id}"
 
+    def rate_window(self, key_hash: str, limit: str) -> str:
+        """Hash: an API key's sliding-window counts for one limit (``requests``, ``tokens``),
+        field = minute number. Hash-tagged by the key so one charge's keys share a slot."""
+        return f"{self.prefix}:ratelimit:{{{key_hash}}}:{limit}"
+
+    def rate_charge(self, key_hash: str, request_id: str) -> str:
+        """String: the answer a request's rate-limit charge got, so a replay returns it."""
+        return f"{self.prefix}:ratelimit:{{{key_hash}}}:charge:{request_id}"
+
     def idempotency(self, tenant: str, key: str) -> str:
         """String: (tenant, Idempotency-Key) -> job id."""
         return f"{self.prefix}:idem:{tenant}:{key}"

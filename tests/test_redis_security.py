@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import SSLConnection
 from redis.exceptions import AuthenticationError, NoPermissionError
 
-from gateway.apikeys import create_key
+from gateway.apikeys import Scope, create_key
 from shared.keys import Keys
 from shared.redis import connect
 from tests.helpers import (
@@ -78,7 +78,9 @@ async def test_gateway_and_worker_users_serve_a_request(acl_redis: RedisProcess)
     as_gateway = connect(gateway_url)
     gw = gateway_settings(gateway_url, auth_required=True)
     try:
-        secret, _ = await create_key(as_gateway, Keys(), "acme", rpm=10, tpm=10_000)  # keys CLI
+        secret, _ = await create_key(  # as the keys CLI does; /metrics needs the metrics scope
+            as_gateway, Keys(), "acme", rpm=10, tpm=10_000, scopes=[Scope.INFERENCE, Scope.METRICS]
+        )
         async with (
             running_gateway(gw) as base,
             worker_as(worker_url, admin),
