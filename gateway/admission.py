@@ -43,6 +43,7 @@ from redis.exceptions import RedisError
 from gateway.backlog_cache import BacklogCache
 from gateway.settings import GatewaySettings
 from shared.aio import cancel_and_wait
+from shared.capabilities import Capabilities, Feature, first_missing, known
 from shared.clock import RedisClock
 from shared.errors import InvalidRequest, Overloaded
 from shared.fleet import live_workers
@@ -63,6 +64,7 @@ class Fleet:
     seq_speed: float = 0.0  # tokens/s of one sequence (0: unknown)
     seqs: int = 0
     context_tokens: int = 0  # smallest advertised context (0: some worker does not say)
+    capabilities: tuple[Capabilities, ...] = ()  # each live worker's (shared.capabilities)
 
     @property
     def drain_rate(self) -> float:
@@ -127,6 +129,8 @@ class Admission:
     # --- admission ------------------------------------------------------------------------
     async def check(self, job: Job) -> None:
         """Raise ``InvalidRequest`` or ``Overloaded`` for a job that should not be queued."""
+        if job.features is not None:
+            await self._check_features(job)
         if not self.settings.admission:
             return
         fleet = self.fleet(job.model)
@@ -140,6 +144,31 @@ class Admission:
         backlog = await self.backlogs.get(job.model)
         self._check_queue_limits(job, fleet, backlog)
         self._check_deadline(job, fleet, backlog)
+
+    async def _check_features(self, job: Job) -> None:
+        """400 naming the parameter unless one live worker of the model implements every
+        feature the job needs. The snapshot may be a refresh old: a refusal reads the
+        registry again first (a worker that just started), so only refused requests pay."""
+        needs = job.needs()
+        for fresh in (False, True):
+            if fresh:
+                workers = await live_workers(self.redis, self.keys, self.settings.worker_ttl_s)
+                mine = [w for w in workers if w.model == job.model]
+                caps = [known(w.capabilities) for w in mine if w.healthy and not w.draining]
+            else:
+                caps = list(self.fleet(job.model).capabilities)
+            if any(needs <= have for have in caps):
+                return
+        union: Capabilities = frozenset().union(*caps)
+        missing = first_missing(needs, union)
+        if missing is None:  # each is somewhere, but no one worker has them all
+            names = ", ".join(f"`{f.value}`" for f in Feature if f in needs)
+            message = f"no live worker of model {job.model!r} supports {names} together"
+            missing = next(iter(needs))
+        else:
+            kind = "" if missing.param == missing.value else f" ({missing.value})"
+            message = f"no live worker of model {job.model!r} supports `{missing.param}`{kind}"
+        raise InvalidRequest(message, param=missing.param, code="unsupported_parameter")
 
     def admit(self, job: Job) -> None:
         """Count a job that passed ``check`` and every other gate (rate limits) as admitted:
@@ -287,5 +316,6 @@ def summarize(workers: list[WorkerInfo], rates: dict[str, float]) -> dict[str, F
             seq_speed=speed,
             seqs=seqs,
             context_tokens=min(contexts) if contexts and all(contexts) else 0,
+            capabilities=tuple(known(w.capabilities) for w in mine),
         )
     return out

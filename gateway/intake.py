@@ -204,4 +204,5 @@ def build_job(
         request_id=request_id(request),
         tenant=tenant,
         session=session_key(tenant, sid) if (sid := _session(request, body)) else None,
+        features=body.features(),  # parsed once; admission checks a live worker has them
     )

@@ -58,12 +58,28 @@ class ChunkWriter:
             delta["content"] = content
         return f'{self._head}"delta":{json.dumps(delta)},"logprobs":null,"finish_reason":{fin}}}]}}'
 
+    def _rich(self, event: TokenEvent) -> str:
+        """A token that carries logprobs or tool-call deltas (feature requests only)."""
+        if self.kind == "completion":
+            return self._choice(event.x, None)
+        delta: dict[str, Any] = {}
+        if not self.role_sent:
+            delta["role"] = "assistant"
+            self.role_sent = True
+        if event.x or not event.tc:
+            delta["content"] = event.x
+        if event.tc:
+            delta["tool_calls"] = event.tc
+        lp = "null" if event.lp is None else json.dumps({"content": event.lp})
+        return f'{self._head}"delta":{json.dumps(delta)},"logprobs":{lp},"finish_reason":null}}]}}'
+
     def frames(self, events: list[Event]) -> bytes:
         """SSE frames for a batch of events (``started`` events render as nothing)."""
         out: list[str] = []
         for event in events:
             if isinstance(event, TokenEvent):
-                chunk = self._choice(event.x, None)
+                plain = event.lp is None and event.tc is None
+                chunk = self._choice(event.x, None) if plain else self._rich(event)
                 if self.continuous_usage:
                     chunk = self._with_usage(chunk, event.s)
                 out.append(f"id: {event.s}\ndata: {chunk}\n\n")
@@ -107,10 +123,13 @@ def completion_object(
 ) -> dict[str, Any]:
     """The whole (non-streaming) response."""
     if kind == "chat":
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if done.tool_calls:
+            message = {**message, "content": text or None, "tool_calls": done.tool_calls}
         choice: dict[str, Any] = {
             "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
+            "message": message,
+            "logprobs": None if done.logprobs is None else {"content": done.logprobs},
             "finish_reason": done.finish_reason,
         }
         obj = "chat.completion"

@@ -122,6 +122,7 @@ class JobStore:
             self.fair_share_tokens,
             k.model_prefix(job.model),
             self.affinity.enqueue_arg(job) if self.affinity else "{}",
+            job.need_bits,  # features a worker must implement to take it (0: none)
         ]
         for attempt in range(2):
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -219,10 +220,13 @@ class JobStore:
         max_deliveries: int,
         worker_ttl_ms: int = 5000,
         pull_id: str | None = None,
+        caps: int = 0,
     ) -> PullResult:
         """Claim one job that fits, or say why not. ``pull_id`` names this call (a fresh one
         by default): when redis-py replays it after a lost reply, ``PULL`` returns the claim it
-        made then instead of claiming a second job."""
+        made then instead of claiming a second job. ``caps`` is the bit mask of the features the
+        worker's engine implements (``shared.capabilities``): a job needing more is left to a
+        worker that has them."""
         k = self.keys
         options = {
             "group": CONSUMER_GROUP,
@@ -237,6 +241,7 @@ class JobStore:
             "aging": [aging_ms.get(p, 0) for p in Priority.ordered()],
             "worker_ttl": worker_ttl_ms,
             "pull": pull_id or uuid.uuid4().hex,
+            "caps": caps,
         }
         reply = await self._pull(keys=[*k.queues(model), k.wake(model)], args=[json.dumps(options)])
         kind = reply[0]
@@ -318,7 +323,7 @@ class JobStore:
         args: list[str | int] = [
             emit.claimed.fence,
             k.job_channel(job.model, job.id),
-            emit.batch.model_dump_json(),
+            emit.batch.model_dump_json(exclude_none=True),
             emit.batch.events[-1].s,
             emit.new_tokens,
             self.ttl_ms,

@@ -115,7 +115,8 @@ end
 # ARGV: job id, payload, cost, ttl ms, group, priority, tenant, fair-share quantum (tokens,
 #       0 = off), model prefix, affinity (JSON: ``fp`` block hashes joined by spaces,
 #       ``session``, ``aw`` longest affinity wait ms (0 = none), ``sttl`` session ttl ms,
-#       ``dl`` deadline ms; or ``{}``).
+#       ``dl`` deadline ms; or ``{}``), need (bit mask of the features a worker must
+#       implement to take the job, ``shared.capabilities``; 0 or absent: none).
 # Fairness: a tenant holds at most ``quantum`` tokens of the shared queue of a priority (one
 # job at least); the rest waits, in order, in its own deferred stream and moves in as its jobs
 # leave. A newcomer's job is thus behind at most (active tenants x quantum) tokens.
@@ -153,6 +154,7 @@ if aff['aw'] and tonumber(aff['aw']) > 0 then
   redis.call('HSET', KEYS[1], 'aw', aff['aw'], 'fp', aff['fp'] or '', 'session', aff['session'] or '',
     'sttl', aff['sttl'] or 0, 'dl', aff['dl'] or 0)
 end
+if tonumber(ARGV[11] or '0') > 0 then redis.call('HSET', KEYS[1], 'need', ARGV[11]) end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('HINCRBY', KEYS[3], ARGV[6] .. ':tokens', ARGV[3])
 redis.call('HINCRBY', KEYS[3], ARGV[6] .. ':jobs', 1)

@@ -11,7 +11,15 @@ from shared.lua import _HELPERS
 # ARGV[1]: JSON options: ``group``, ``consumer``, ``free`` tokens, ``seqs`` free sequence
 #   slots, ``idle`` (bool), ``prefix`` (the model's), ``lease`` ms, ``ttl`` ms,
 #   ``max_deliveries``, ``aging`` (ms per queue, 0 = never promoted), ``worker_ttl`` ms,
-#   ``pull`` (an id per pull call, the same when the client replays it; optional).
+#   ``pull`` (an id per pull call, the same when the client replays it; optional),
+#   ``caps`` (bit mask of the features the worker's engine implements; 0 or absent: none).
+# Capabilities: a job whose ``need`` bits this worker lacks is never taken by it. A queue
+# head it cannot serve is reserved for a live worker that can (the one with most free slots;
+# its wait as an affinity reservation's), so the heads behind it stay reachable; when no live
+# worker of the model can serve it, it fails at once (``unsupported_feature``, 400). An
+# expired lease it cannot serve is left for a capable worker (or failed the same way), and
+# the stealing of ended reservations is filtered the same way. Plain jobs (no ``need``) cost
+# no extra call.
 # A replay of a pull that claimed a job (the reply was lost, the client retried) returns that
 # claim again instead of claiming a second job: the worker hash keeps the last pull id, job
 # and fence (``pull_id``, ``pull_job``, ``pull_fence``).
@@ -33,6 +41,28 @@ local group, consumer, mp = o['group'], o['consumer'], o['prefix']
 local free, idle, lease, ttl = tonumber(o['free']), o['idle'], tonumber(o['lease']), tonumber(o['ttl'])
 local now, nq = redis_now(), #KEYS - 1
 local me = mp .. 'worker:' .. consumer
+local caps = tonumber(o['caps'] or 0) or 0
+-- may this worker serve a job needing these bits (the job hash's ``need``, or nil)?
+local function can(need)
+  local n = tonumber(need or '0') or 0
+  return n == 0 or bit.band(n, caps) == n
+end
+-- the live worker (not this one) whose capabilities cover ``need``, most free slots first
+local function capable(need)
+  local n, best, best_slots = tonumber(need), nil, nil
+  for _, w in ipairs(redis.call('SMEMBERS', mp .. 'members')) do
+    if w ~= consumer then
+      local f = redis.call('HMGET', mp .. 'worker:' .. w, 'caps', 'seqs', 'rjobs')
+      local c = tonumber(f[1] or '0') or 0
+      if f[2] and bit.band(n, c) == n then
+        local slots = tonumber(f[2]) - math.max(0, tonumber(f[3] or '0'))
+        if best == nil or slots > best_slots then best, best_slots = w, slots end
+      end
+    end
+  end
+  return best
+end
+local UNSUPPORTED = 'no live worker of this model implements every feature the request asks for (the one that did is gone)'
 local pull_id = o['pull']
 if type(pull_id) == 'string' and pull_id ~= '' then
   local last = redis.call('HMGET', me, 'pull_id', 'pull_job', 'pull_fence', 'pull_out', 'pull_wait')
@@ -55,19 +85,28 @@ local function remember(out)  -- the claim a replay of this pull returns
   end
   return out
 end
-redis.call('HSET', me, 'free', free, 'seqs', o['seqs'])
+redis.call('HSET', me, 'free', free, 'seqs', o['seqs'], 'caps', caps)
 redis.call('PEXPIRE', me, o['worker_ttl'])
 redis.call('SADD', mp .. 'members', consumer)
 
-local expired = redis.call('ZRANGEBYSCORE', mp .. 'leases', '-inf', now, 'LIMIT', 0, 1)
-if #expired > 0 then
-  local id = expired[1]
+local expired = redis.call('ZRANGEBYSCORE', mp .. 'leases', '-inf', now, 'LIMIT', 0, 4)
+local take = nil
+for _, id in ipairs(expired) do
   local job = mp .. 'job:' .. id
-  local state = redis.call('HGET', job, 'state')
-  if state ~= 'running' then
+  local st = redis.call('HMGET', job, 'state', 'need')
+  if st[1] ~= 'running' then
     redis.call('ZREM', mp .. 'leases', id)
-    return {'skipped', id, tostring(state)}
+    return {'skipped', id, tostring(st[1])}
   end
+  if can(st[2]) then take = id break end
+  if capable(st[2]) == nil then  -- nobody left who can continue it
+    fail(mp, id, 'failed', 'unsupported_feature', UNSUPPORTED, 400, group, ttl)
+    return {'skipped', id, 'failed'}
+  end
+end
+if take then
+  local id = take
+  local job = mp .. 'job:' .. id
   if not idle and tonumber(redis.call('HGET', job, 'cost')) > free then return {'full'} end
   local max_deliveries = tonumber(o['max_deliveries'])
   if tonumber(redis.call('HGET', job, 'deliveries')) >= max_deliveries then
@@ -108,8 +147,15 @@ end
 local function idle_marks(out)
   local next_at = nil
   for _, z in ipairs({mp .. 'leases', mp .. 'reserved'}) do
-    local first = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
-    if #first > 0 and (next_at == nil or tonumber(first[2]) < next_at) then next_at = tonumber(first[2]) end
+    -- the first that ends later, or has ended and is one this worker may take
+    local rows = redis.call('ZRANGE', z, 0, 3, 'WITHSCORES')
+    for k = 1, #rows, 2 do
+      local at = tonumber(rows[k + 1])
+      if at > now or can(redis.call('HGET', mp .. 'job:' .. rows[k], 'need')) then
+        if next_at == nil or at < next_at then next_at = at end
+        break
+      end
+    end
   end
   out[#out + 1] = next_at and math.max(0, next_at - now) or -1
   for i = 1, #KEYS do
@@ -161,7 +207,7 @@ local FULL_GAIN_BLOCKS, FULL_OVERBOOK = 8, 2
 -- longest prefix of it (the session's last worker wins a tie of prefixes, then the one with
 -- more free slots), if it holds more than this worker does and has room (or, for a large
 -- gain, will soon). Also returns the blocks this worker holds.
-local function route(job, cost)
+local function route(job, cost, need)
   local a = redis.call('HMGET', job, 'aw', 'fp', 'session')
   if tonumber(a[1] or '0') <= 0 then return nil, 0 end
   local chain = {}
@@ -179,6 +225,10 @@ local function route(job, cost)
       else
         local n = #chain > 0 and held(w, chain) or 0
         local sc = n + (w == session_worker and 0.5 or 0)
+        if need and sc > my_score and sc >= best_score then
+          local nb = tonumber(need)
+          if bit.band(nb, tonumber(redis.call('HGET', mp .. 'worker:' .. w, 'caps') or '0') or 0) ~= nb then sc = -1 end
+        end
         if sc > my_score and sc >= best_score then
           local slots = room(w, cost)
           local ok = slots and (slots >= 1 or (slots > -FULL_OVERBOOK and n - mine >= FULL_GAIN_BLOCKS))
@@ -195,7 +245,7 @@ end
 local function reserve(q, head, id, w, cost)
   local job = mp .. 'job:' .. id
   local f = redis.call('HMGET', job, 'aw', 'dl')
-  local until_ms = now + tonumber(f[1])
+  local until_ms = now + math.max(tonumber(f[1] or '0'), tonumber(o['cap_wait'] or 250))
   local dl = tonumber(f[2] or '0')
   if dl > 0 then until_ms = math.min(until_ms, now + math.floor(math.max(0, dl - now) / 4)) end
   redis.call('XREADGROUP', 'GROUP', group, w, 'COUNT', 1, 'STREAMS', q, '>')
@@ -210,13 +260,14 @@ end
 local cands = {}
 local function consider_reserved(id, kind)
   local job = mp .. 'job:' .. id
-  local f = redis.call('HMGET', job, 'state', 'queue', 'entry', 'prio', 'cost', 'rsv')
+  local f = redis.call('HMGET', job, 'state', 'queue', 'entry', 'prio', 'cost', 'rsv', 'need')
   if f[1] ~= 'queued' or not f[6] then  -- ended, or no longer reserved: a stale index entry
     redis.call('ZREM', mp .. 'reserved', id)
     if kind == 'mine' then redis.call('ZREM', mp .. 'inbox:' .. consumer, id) end
     return
   end
   if kind == 'steal' and f[6] == consumer then return end  -- in the inbox already
+  if not can(f[7]) then return end  -- reserved for, or left to, a worker that can serve it
   local rank, age = rank_of(prio_index[f[4]], f[3])
   cands[#cands + 1] = {kind, f[2], f[3], id, rank, age, tonumber(f[5]), 0}
 end
@@ -229,14 +280,28 @@ for i = 1, nq do
     for k = 1, #head[2], 2 do fields[head[2][k]] = head[2][k + 1] end
     local id, cost = fields['job'], tonumber(fields['cost'])
     local job = mp .. 'job:' .. id
-    if redis.call('HGET', job, 'state') ~= 'queued' then  -- ended while queued: drop it
+    local st = redis.call('HMGET', job, 'state', 'need')
+    if st[1] ~= 'queued' then  -- ended while queued: drop it
       redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', q, '>')
       redis.call('XACK', q, group, head[1])
       redis.call('XDEL', q, head[1])
       head = head_of(q)
+    elseif not can(st[2]) then  -- not for this worker: reserve it for one that can serve it
+      local w = reserved < 16 and capable(st[2]) or nil
+      if w then
+        reserve(q, head, id, w, cost)
+        reserved = reserved + 1
+        head = head_of(q)
+      elseif reserved < 16 then  -- nobody live can: an answer now rather than at the deadline
+        unqueue(mp, job)
+        fail(mp, id, 'failed', 'unsupported_feature', UNSUPPORTED, 400, group, ttl)
+        head = head_of(q)
+      else
+        head = nil
+      end
     else
       local target, mine = nil, 0
-      if reserved < 16 then target, mine = route(job, cost) end
+      if reserved < 16 then target, mine = route(job, cost, st[2]) end
       if target == nil then
         local rank, age = rank_of(i, head[1])
         cands[#cands + 1] = {'queue', q, head[1], id, rank, age, cost, mine}

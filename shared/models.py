@@ -7,9 +7,11 @@ an older worker's messages instead of misreading them.
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from shared.capabilities import NONE, Capabilities, Features, to_bits
 
 
 class Priority(enum.StrEnum):
@@ -75,6 +77,15 @@ class Job(BaseModel):
     include_usage: bool = False
     continuous_usage: bool = False  # usage on every chunk (vLLM's continuous_usage_stats)
     session: str | None = None  # hashed session key (affinity across the turns of a chat)
+    features: Features | None = None  # what it asks for beyond the plain parameters
+
+    def needs(self) -> Capabilities:
+        """The features a worker must implement to take this job (none for a plain one)."""
+        return NONE if self.features is None else self.features.needs()
+
+    @property
+    def need_bits(self) -> int:
+        return 0 if self.features is None else to_bits(self.features.needs())
 
     @property
     def cost_tokens(self) -> int:
@@ -106,16 +117,26 @@ class StartedEvent(BaseModel):
 
 
 class TokenEvent(BaseModel):
+    """Output text; ``lp`` (logprobs entries, OpenAI's chat shape) and ``tc`` (tool-call
+    deltas) only where the request asked for them (batches are written without None fields,
+    so a plain token costs nothing more)."""
+
     t: Literal["token"] = "token"
     s: int
     x: str
+    lp: list[dict[str, Any]] | None = None
+    tc: list[dict[str, Any]] | None = None
 
 
 class DoneEvent(BaseModel):
     t: Literal["done"] = "done"
     s: int
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     usage: Usage
+    # the whole answer's tool calls and logprobs, for a non-streaming response (the stream
+    # had them in its token events)
+    tool_calls: list[dict[str, Any]] | None = None
+    logprobs: list[dict[str, Any]] | None = None
 
 
 class ErrorEvent(BaseModel):
@@ -155,6 +176,7 @@ class WorkerInfo(BaseModel):
     tokens_per_s: float = 0.0
     seq_tokens_per_s: float = 0.0  # one sequence's recent speed, TTFT included (0: unknown)
     context_tokens: int = 0  # the model's context length (0: unknown); admission checks prompts
+    capabilities: list[str] = Field(default_factory=list)  # shared.capabilities.Feature names
     healthy: bool = True
     draining: bool = False
     started_at_ms: int

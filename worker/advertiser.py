@@ -27,8 +27,11 @@ from worker.warm import WarmPrefixes
 class Advertiser:
     """Keeps one worker's ``worker:<id>`` and ``warm:<id>`` keys current."""
 
-    def __init__(self, redis: Redis, keys: Keys, model: str, worker_id: str, ttl_ms: int) -> None:
+    def __init__(
+        self, redis: Redis, keys: Keys, model: str, worker_id: str, ttl_ms: int, caps: int = 0
+    ) -> None:
         self.redis = redis
+        self.caps = caps  # the engine's capability bits (PULL reserves feature jobs by them)
         self.model = model
         self.worker_id = worker_id
         self.ttl_ms = ttl_ms
@@ -43,7 +46,8 @@ class Advertiser:
     async def beat(self, free_tokens: int, free_seqs: int, warm: WarmPrefixes | None) -> None:
         """Heartbeat: capacity now, the warm set's expiry, and any change to the set."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(self.state_key, mapping={"free": free_tokens, "seqs": free_seqs})
+            state = {"free": free_tokens, "seqs": free_seqs, "caps": self.caps}
+            pipe.hset(self.state_key, mapping=state)
             pipe.pexpire(self.state_key, self.ttl_ms)
             pipe.sadd(self.members_key, self.worker_id)
             pipe.pexpire(self.warm_key, self.ttl_ms)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
@@ -85,16 +85,26 @@ class EventEmitter:
         self.pending.append(event)
         self._schedule()
 
-    async def token(self, text: str, engine_tokens: int = 1) -> None:
+    async def token(
+        self,
+        text: str,
+        engine_tokens: int = 1,
+        lp: list[dict[str, Any]] | None = None,
+        tc: list[dict[str, Any]] | None = None,
+    ) -> None:
         """Queue one token event; ``engine_tokens`` is how many engine tokens made its text
-        (more than one when a stop-sequence prefix was held back), counted into ``ntok``.
+        (more than one when a stop-sequence prefix was held back), counted into ``ntok``;
+        ``lp`` and ``tc`` are logprobs and tool-call deltas (feature requests only).
 
         Never waits for Redis: the generation loop keeps its pace while a writer task sends
         what has accumulated. A failed write (fenced off, Redis down) surfaces here next time.
         """
         if self._failure is not None:
             raise self._failure
-        self.pending.append(TokenEvent(s=self._next(), x=text))
+        if lp is None and tc is None:
+            self.pending.append(TokenEvent(s=self._next(), x=text))
+        else:
+            self.pending.append(TokenEvent(s=self._next(), x=text, lp=lp, tc=tc))
         self.pending_tokens += engine_tokens
         self._first_token.set()
         self._schedule()
@@ -170,9 +180,11 @@ class EventEmitter:
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 1.0)
 
-    async def done(self, finish_reason: str, usage: Usage) -> None:
+    async def done(self, finish_reason: str, usage: Usage, **whole: Any) -> None:
+        """The end; ``whole`` may carry the answer's ``tool_calls`` and ``logprobs``."""
         await self._settle()  # the end goes in the terminal write, with what is still pending
-        self.pending.append(DoneEvent(s=self._next(), finish_reason=finish_reason, usage=usage))
+        done = DoneEvent(s=self._next(), finish_reason=finish_reason, usage=usage, **whole)
+        self.pending.append(done)
         await self.flush(terminal=JobState.COMPLETED)
 
     async def error(self, code: str, message: str, status: int) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
+from shared.capabilities import Capabilities
 from shared.models import Job
 from shared.prompt import TRANSCRIPT_STOPS, render_transcript
 from worker.warm import WarmPrefixes
@@ -38,8 +39,27 @@ class GenerationRequest:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
+@dataclass(frozen=True, slots=True)
+class TokenOut:
+    """One engine token with what a feature request asked for besides its text: logprobs
+    entries (OpenAI's chat shape: ``token``, ``logprob``, ``bytes``, ``top_logprobs``), tool-call
+    deltas (the stream shape: ``index``, ``id``, ``type``, ``function``), and a finish reason
+    the engine decided (``tool_calls``). Plain tokens are yielded as ``str``."""
+
+    text: str = ""
+    logprobs: tuple[dict[str, Any], ...] = ()
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    finish: str | None = None
+
+
 class Engine(Protocol):
     name: str
+    # What it implements (``shared.capabilities``): the worker advertises it, and takes only
+    # jobs that need no more. A declared feature is applied, never ignored.
+    capabilities: Capabilities
+    # The features whose jobs it can continue exactly after another worker delivered part of
+    # the output (failover); a job needing any other fails then instead (docs/reliability.md).
+    continuable: Capabilities
 
     async def start(self) -> None:
         """Load the model or connect to the upstream."""
@@ -63,8 +83,9 @@ class Engine(Protocol):
         """The prefixes the engine holds warm (advertised for routing), or None if it cannot
         tell. The engine records into it; the worker reads and advertises it."""
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
-        """Yield the text of each new token; stop at ``max_tokens`` or end of sequence.
+    def generate(self, request: GenerationRequest) -> AsyncIterator[str | TokenOut]:
+        """Yield the text of each new token (a ``TokenOut`` where the job asked for logprobs
+        or tools); stop at ``max_tokens`` or end of sequence.
 
         Closing the iterator (``aclose``) must stop generation before the next token.
         """
@@ -76,5 +97,6 @@ __all__ = [
     "EngineError",
     "GenerationRequest",
     "GenerationStats",
+    "TokenOut",
     "render_transcript",
 ]

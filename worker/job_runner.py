@@ -13,6 +13,7 @@ from shared.jobs import Claimed, JobStore
 from shared.models import TokenEvent, Usage
 from worker.emitter import EmitSink, EventEmitter
 from worker.engine import Engine, EngineError, GenerationRequest
+from worker.features import Extras, continuation_error
 from worker.stops import StopMatcher
 
 log = structlog.get_logger("slipstream.worker")
@@ -55,14 +56,15 @@ class JobOutcome:
     cached_tokens: int = 0
 
 
-async def produced_so_far(store: JobStore, claimed: Claimed) -> str:
-    """Text already delivered for this job (non-empty only when it is being taken over)."""
+async def produced_so_far(store: JobStore, claimed: Claimed, extras: Extras) -> str:
+    """Text already delivered for this job (non-empty only when it is being taken over); the
+    logprobs delivered with it go into ``extras`` (for the final response)."""
     if claimed.tokens_done == 0:
         return ""
     entries = await store.read_log(claimed.job.model, claimed.job.id)
-    return "".join(
-        e.x for entry in entries for e in entry.batch.events if isinstance(e, TokenEvent)
-    )
+    tokens = [e for entry in entries for e in entry.batch.events if isinstance(e, TokenEvent)]
+    extras.all_lp.extend(lp for e in tokens for lp in e.lp or ())
+    return "".join(e.x for e in tokens)
 
 
 async def run_job(
@@ -84,7 +86,11 @@ async def run_job(
     try:
         prompt_tokens = await engine.count_prompt_tokens(job)
         await emitter.started(worker_id, prompt_tokens)
-        produced = await produced_so_far(store, claimed)
+        failure = continuation_error(job, claimed.tokens_done, engine.continuable)
+        if failure is not None:
+            raise failure
+        extras = Extras()
+        produced = await produced_so_far(store, claimed, extras)
         stops = StopMatcher(job.params.stop)
         request = GenerationRequest(job, produced, claimed.tokens_done)
         stats = request.stats
@@ -93,12 +99,21 @@ async def run_job(
         stream = engine.generate(request)
         held = 0  # engine tokens whose text is not delivered yet (a possible stop prefix)
         try:
-            async for text in stream:
+            async for item in stream:
+                if not isinstance(item, str) and not (
+                    item.text or item.tool_calls or item.logprobs
+                ):
+                    extras.take(item)  # only a finish reason (an upstream's last chunk)
+                    continue
                 tokens += 1
                 held += 1
                 throughput.add(1)
+                text = item if isinstance(item, str) else extras.take(item)
                 out = stops.feed(text)
-                if out:
+                if extras.pending:
+                    await emitter.token(out, held, *extras.flush())
+                    held = 0
+                elif out:
                     await emitter.token(out, engine_tokens=held)
                     held = 0
                 if stops.stopped:
@@ -109,15 +124,16 @@ async def run_job(
         throughput.sequence(tokens, time.monotonic() - began)
         if finish == "length" and claimed.tokens_done + tokens < job.params.max_tokens:
             finish = "stop"  # the engine ended the sequence itself
+        finish = extras.finish or finish
         tail = stops.flush()
-        if tail:
-            await emitter.token(tail, engine_tokens=held)
+        if tail or extras.pending:
+            await emitter.token(tail, held, *extras.flush())
         usage = Usage(
             prompt_tokens=prompt_tokens,
             completion_tokens=claimed.tokens_done + tokens,
             cached_tokens=min(stats.cached_tokens, prompt_tokens),
         )
-        await emitter.done(finish, usage)
+        await emitter.done(finish, usage, **extras.final())
         bound.info(
             "job_completed",
             tokens=tokens,

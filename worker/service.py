@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.aio import cancel_and_wait
+from shared.capabilities import to_bits
 from shared.jobs import Claimed, JobStore, now_ms
 from shared.keys import Keys
 from shared.models import Priority, WorkerInfo
@@ -50,9 +51,10 @@ class Worker:
         self.id = settings.worker_id or default_worker_id()
         self.running: dict[str, tuple[asyncio.Task[object], Claimed]] = {}
         self.stopping = asyncio.Event()
+        self.caps = to_bits(engine.capabilities)  # what PULL lets this worker take
         self.registry = Registry(redis, self.keys, self._info())
         self.advertiser = Advertiser(
-            redis, self.keys, settings.model, self.id, int(settings.worker_ttl_s * 1000)
+            redis, self.keys, settings.model, self.id, int(settings.worker_ttl_s * 1000), self.caps
         )
         self.metrics = WorkerMetrics.for_worker(self)
         self.aging_ms = {
@@ -74,6 +76,7 @@ class Worker:
             heartbeat_at_ms=now_ms(),
             metrics_port=s.metrics_port,
             context_tokens=s.context_tokens or (s.n_ctx if s.engine == "llama" else 0),
+            capabilities=sorted(f.value for f in self.engine.capabilities),
         )
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -150,6 +153,7 @@ class Worker:
             aging_ms=self.aging_ms,
             max_deliveries=self.settings.max_deliveries,
             worker_ttl_ms=int(self.settings.worker_ttl_s * 1000),
+            caps=self.caps,
         )
         if result.kind == "job" and result.claimed is not None:
             self.metrics.job_claimed(result.outcome, result.affinity_wait_ms)

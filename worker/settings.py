@@ -98,6 +98,12 @@ class UpstreamSettings(CommonSettings):
         le=1,
         description="Stop pulling while the upstream's KV cache use (vLLM /metrics) is above this",
     )
+    upstream_capabilities: str = Field(
+        default="top_k,min_p,repetition_penalty,presence_penalty,frequency_penalty,logit_bias,"
+        "logprobs,json_object,json_schema,tools",
+        description="Request features the upstream implements, passed through (comma-separated "
+        "names from shared/capabilities.py, or all; default: what vLLM implements, except n)",
+    )
     sim_crash_prompt: str = Field(
         default="",
         description="A prompt containing this text kills the simulating worker process (tests)",

@@ -6,7 +6,9 @@ it queues requests internally, as a real engine does. Text is the same as the in
 engine's for the same request, so every benchmark arm sees identical work. Each process models
 its own prefix cache (the engine's), and reports what it reused as
 ``usage.prompt_tokens_details.cached_tokens`` (streamed too, with
-``stream_options.include_usage``), as vLLM and the gateway do.
+``stream_options.include_usage``), as vLLM and the gateway do. It also plays tool calls and
+logprobs as vLLM sends them (``worker/engines/sim_features.py``), for the ``openai`` engine's
+tests.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from shared.models import ChatMessage, Job, SamplingParams
 from shared.prompt import render_transcript
 from worker.engine import GenerationRequest
 from worker.engines.sim import SimEngine, SimProfile, count_tokens
+from worker.engines.sim_features import logprob_entry, tool_call_deltas, wants_tool, whole_call
 from worker.stops import StopMatcher
 
 
@@ -97,10 +100,14 @@ class SimServer:
         job = _job(body, chat)
         rid = ("chatcmpl-" if chat else "cmpl-") + job.id
         head = {"id": rid, "created": int(time.time()), "model": job.model}
+        tool = wants_tool(body) if chat else None
+        if tool is not None:
+            return self._tool_call(body, head, tool, job)
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            lp = int(body.get("top_logprobs") or 0) if chat and body.get("logprobs") else -1
             return StreamingResponse(
-                self._sse(job, head, chat, include_usage), media_type="text/event-stream"
+                self._sse(job, head, chat, include_usage, lp), media_type="text/event-stream"
             )
         generation = GenerationRequest(job)
         parts = [t async for t in self.tokens(generation)]
@@ -108,6 +115,10 @@ class SimServer:
         text = "".join(parts)
         finish = "length" if len(parts) >= job.params.max_tokens else "stop"
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+        if chat and body.get("logprobs"):
+            top = int(body.get("top_logprobs") or 0)
+            entries = [logprob_entry(t, i, top) for i, t in enumerate(parts)]
+            choice["logprobs"] = {"content": entries}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
@@ -116,8 +127,9 @@ class SimServer:
         return JSONResponse({**head, "object": obj, "choices": [choice], "usage": usage})
 
     async def _sse(
-        self, job: Job, head: dict[str, Any], chat: bool, include_usage: bool
+        self, job: Job, head: dict[str, Any], chat: bool, include_usage: bool, lp: int = -1
     ) -> AsyncIterator[bytes]:
+        """The stream; ``lp`` >= 0: logprobs with that many alternatives on every token."""
         obj = "chat.completion.chunk" if chat else "text_completion"
         n = 0
         request = GenerationRequest(job)
@@ -126,6 +138,8 @@ class SimServer:
             choice: dict[str, Any] = {"index": 0, "finish_reason": None}
             if chat:
                 choice["delta"] = {"content": text, **({"role": "assistant"} if n == 1 else {})}
+                if lp >= 0:
+                    choice["logprobs"] = {"content": [logprob_entry(text, n - 1, lp)]}
             else:
                 choice["text"] = text
             yield f"data: {json.dumps({**head, 'object': obj, 'choices': [choice]})}\n\n".encode()
@@ -137,6 +151,35 @@ class SimServer:
             chunk = {**head, "object": obj, "choices": [], "usage": _usage(request, n)}
             yield f"data: {json.dumps(chunk)}\n\n".encode()
         yield b"data: [DONE]\n\n"
+
+    def _tool_call(
+        self, body: dict[str, Any], head: dict[str, Any], tool: dict[str, Any], job: Job
+    ) -> Response:
+        """The simulated model calls ``tool`` (one call), streamed or whole."""
+        seed = render_transcript(job)
+        deltas = tool_call_deltas(tool, seed)
+        usage = _usage(GenerationRequest(job), len(deltas))
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": None, "tool_calls": [whole_call(deltas)]}
+            choice = {"index": 0, "message": message, "finish_reason": "tool_calls"}
+            return JSONResponse(
+                {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
+            )
+
+        async def sse() -> AsyncIterator[bytes]:
+            obj = {**head, "object": "chat.completion.chunk"}
+            for i, delta in enumerate(deltas):
+                d: dict[str, Any] = {"tool_calls": [delta]}
+                if i == 0:
+                    d = {"role": "assistant", "content": None, **d}
+                choice = {"index": 0, "delta": d, "finish_reason": None}
+                yield f"data: {json.dumps({**obj, 'choices': [choice]})}\n\n".encode()
+                await asyncio.sleep(0)
+            last = {"index": 0, "delta": {}, "finish_reason": "tool_calls"}
+            yield f"data: {json.dumps({**obj, 'choices': [last]})}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
 
     def app(self) -> Starlette:
         async def chat(request: Request) -> Response:

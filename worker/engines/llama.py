@@ -13,6 +13,11 @@ Tokens cross to the event loop with ``loop.call_soon_threadsafe``; closing the a
 generator marks the sequence cancelled, and the scheduler drops it (freeing its cells) before
 it computes another token for it. Greedy output is bitwise the same alone or batched, warm or
 cold, and after a failover continuation (see ``llama_sched`` and docs/reliability.md).
+
+Request features: the sampling ones, ``logprobs`` and ``response_format`` (json_object,
+json_schema: a llama.cpp grammar) are applied by the sequence's ``Sampler``
+(``llama_sampling``); all of them continue exactly after a failover (the grammar and the
+penalties replay the delivered tokens). No tools, and no ``n`` > 1.
 """
 
 from __future__ import annotations
@@ -24,16 +29,26 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
+from shared.capabilities import SAMPLING, Feature, Features
 from shared.models import Job
-from worker.engine import TRANSCRIPT_STOPS, EngineError, GenerationRequest, render_transcript
+from worker.engine import (
+    TRANSCRIPT_STOPS,
+    EngineError,
+    GenerationRequest,
+    TokenOut,
+    render_transcript,
+)
 from worker.engines.llama_cache import PrefixCache
 from worker.engines.llama_ctx import ContextShape, LlamaContext, LlamaModel
+from worker.engines.llama_grammar import Grammar, gbnf_for
+from worker.engines.llama_sampling import SamplingSpec
 from worker.engines.llama_sched import MAX_ROWS, ROW_ALIGN, Piece, Plan, Scheduler, Seq
 from worker.settings import LlamaSettings
 from worker.stops import StopMatcher
 from worker.warm import WarmPrefixes
 
 CACHE_SEQS = 32  # sequence ids for cached prefixes
+FEATURES = SAMPLING | {Feature.LOGPROBS, Feature.JSON_OBJECT, Feature.JSON_SCHEMA}
 
 
 def default_threads(threads: int = 0, cores: int | None = None) -> int:
@@ -66,6 +81,8 @@ class LlamaEngine:
     """llama.cpp in this process (``--engine llama``), batching its sequences."""
 
     name = "llama"
+    capabilities = FEATURES
+    continuable = FEATURES  # grammar state and penalties replay the delivered tokens
 
     def __init__(self, config: LlamaConfig) -> None:
         if not 0 < config.max_seqs <= MAX_ROWS - ROW_ALIGN:
@@ -193,17 +210,51 @@ class LlamaEngine:
             )
         p = request.job.params
         remaining = min(p.max_tokens - request.produced_tokens, room)
+        features = request.job.features
+        spec = None if features is None else self._spec(features)
         return Plan(
             prompt, produced, remaining, stops, p.temperature, p.top_p, p.seed, text,
-            skip=request.produced_tokens,
+            skip=request.produced_tokens, spec=spec,
         )  # fmt: skip
+
+    def _spec(self, f: Features) -> SamplingSpec:
+        """The job's features for the sampler; a bad token id or schema is the client's 400."""
+        model = self._model()
+        bias = tuple((int(k), v) for k, v in (f.logit_bias or {}).items())
+        if any(t >= model.n_vocab for t, _ in bias):
+            raise EngineError(
+                f"logit_bias: token ids must be below {model.n_vocab}",
+                code="invalid_request",
+                status=400,
+            )
+        gbnf = None
+        if (schema := f.json_schema()) is not None:
+            try:
+                gbnf = gbnf_for(schema)
+                Grammar(model.vocab, gbnf)  # parses it here, not on the scheduler's thread
+            except Exception as exc:  # the converter's or llama.cpp's refusal
+                msg = f"response_format: this JSON schema cannot be enforced: {exc}"
+                raise EngineError(msg, code="invalid_request", status=400) from exc
+        return SamplingSpec(
+            top_k=f.top_k,
+            min_p=f.min_p,
+            repetition_penalty=f.repetition_penalty,
+            presence_penalty=f.presence_penalty,
+            frequency_penalty=f.frequency_penalty,
+            bias=bias,
+            logprobs=f.top_logprobs if f.logprobs else -1,
+            gbnf=gbnf,
+            vocab=model.vocab,
+            piece=model.piece,
+            is_eog=model.is_eog,
+        )
 
     async def count_prompt_tokens(self, job: Job) -> int:
         tokens, _, _ = await asyncio.to_thread(self._render, job)
         return len(tokens)
 
     # --- generation -----------------------------------------------------------------------
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[str | TokenOut]:
         plan = await asyncio.to_thread(self._plan, request)
         if plan.remaining <= 0:
             return
@@ -220,6 +271,7 @@ class LlamaEngine:
         seq = Seq(plan, emit, request.stats, inputs=plan.prompt + plan.produced)
         sched.submit(seq)
         stops = StopMatcher(plan.stops)
+        logprobs = plan.spec is not None and plan.spec.logprobs >= 0
         try:
             while (item := await inbox.get()) is not None:
                 if isinstance(item, EngineError):
@@ -227,7 +279,7 @@ class LlamaEngine:
                 text = stops.feed(item.text)
                 if item.last:
                     text += stops.flush()
-                yield text
+                yield TokenOut(text, self._records(seq, item.last)) if logprobs else text
                 if stops.stopped:
                     return
             tail = stops.flush()  # end of sequence with text held back
@@ -235,6 +287,20 @@ class LlamaEngine:
                 yield tail
         finally:
             seq.cancel()  # no-op once it finished; else the scheduler ends it next step
+
+    @staticmethod
+    def _records(seq: Seq, last: bool) -> tuple[dict[str, Any], ...]:
+        """The logprobs of the token a piece carries: the sampler records each (but an
+        end-of-generation token) before the piece is sent, so one is there for each piece;
+        the last piece takes what is left (none when it only flushed held-back bytes)."""
+        records = seq.sampler.records if seq.sampler is not None else None
+        if not records:
+            return ()
+        if last:
+            out = tuple(records)
+            records.clear()
+            return out
+        return (records.popleft(),)
 
 
 def chat_formatter(model: LlamaModel) -> Any:

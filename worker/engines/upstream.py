@@ -8,6 +8,13 @@ generation) so a stalled upstream fails the job instead of hanging it.
 
 Each streamed chunk that carries text is one token for the worker's accounting (the servers
 above send one token per chunk; a server that batches several counts them as one).
+
+Request features (``top_k``, penalties, ``logit_bias``, ``logprobs``, ``response_format``,
+``tools``) are passed through as sent, and the upstream's tool-call deltas and logprobs are
+relayed unchanged; which features the upstream implements is configured
+(``SLIPSTREAM_UPSTREAM_CAPABILITIES``, by default what vLLM implements). A failover
+continuation goes through ``/v1/completions`` (the delivered text appended to the prompt), so
+only the sampling features continue; the others fail then (``worker/features.py``).
 A background probe keeps ``healthy()`` (``GET /v1/models``, else ``/health``) and
 ``has_room()`` (vLLM's Prometheus ``/metrics``: no waiting requests, KV cache use below a
 threshold; always true where ``/metrics`` is absent) current.
@@ -24,9 +31,16 @@ from typing import Any, cast
 
 import httpx
 
+from shared.capabilities import SAMPLING, Features, parse_names
 from shared.models import Job
 from shared.prefix import block_hashes
-from worker.engine import TRANSCRIPT_STOPS, EngineError, GenerationRequest, render_transcript
+from worker.engine import (
+    TRANSCRIPT_STOPS,
+    EngineError,
+    GenerationRequest,
+    TokenOut,
+    render_transcript,
+)
 from worker.settings import WorkerSettings
 from worker.warm import WarmPrefixes
 
@@ -45,6 +59,7 @@ class UpstreamConfig:
     read_timeout_s: float = 30.0
     probe_s: float = 2.0
     max_kv_use: float = 0.9
+    capabilities: frozenset[str] = frozenset()
 
     @classmethod
     def from_settings(cls, s: WorkerSettings) -> UpstreamConfig:
@@ -59,6 +74,7 @@ class UpstreamConfig:
             read_timeout_s=s.upstream_read_timeout_s,
             probe_s=s.upstream_probe_s,
             max_kv_use=s.upstream_max_kv_use,
+            capabilities=frozenset(parse_names(s.upstream_capabilities.split(","))),
         )
 
 
@@ -107,6 +123,62 @@ def chunk_text(line: str, chat: bool) -> tuple[str | None, bool]:
         raise EngineError(msg, code="upstream_error") from exc
 
 
+def chunk_out(line: str, chat: bool) -> tuple[str | TokenOut | None, bool]:
+    """``chunk_text`` for a feature request: tool-call deltas, logprobs and a ``tool_calls``
+    finish come along unchanged, as a ``TokenOut``."""
+    rich = '"tool_calls"' in line or '"logprobs":{' in line or '"logprobs": {' in line
+    if not chat or not rich or not line.startswith("data:"):
+        return chunk_text(line, chat)
+    data = line[5:].strip()
+    try:
+        choice = json.loads(data)["choices"][0]
+        delta = choice.get("delta") or {}
+        text = delta.get("content") or ""
+        lp = (choice.get("logprobs") or {}).get("content") or ()
+        calls = delta.get("tool_calls") or ()
+        if not isinstance(text, str) or not all(isinstance(x, dict) for x in [*lp, *calls]):
+            raise TypeError("malformed delta")
+        finish = choice.get("finish_reason")
+        out = TokenOut(
+            text, tuple(lp), tuple(calls), "tool_calls" if finish == "tool_calls" else None
+        )
+        return out, finish is not None
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        msg = f"upstream sent a malformed chunk: {data[:200]!r}"
+        raise EngineError(msg, code="upstream_error") from exc
+
+
+def feature_fields(f: Features, full: bool) -> dict[str, Any]:
+    """The request's features as upstream body fields (only non-neutral ones); ``full``
+    False (a continuation through /v1/completions): the sampling ones only."""
+    body: dict[str, Any] = {}
+    if f.top_k > 0:
+        body["top_k"] = f.top_k
+    if f.min_p > 0:
+        body["min_p"] = f.min_p
+    if f.repetition_penalty != 1.0:
+        body["repetition_penalty"] = f.repetition_penalty
+    if f.presence_penalty:
+        body["presence_penalty"] = f.presence_penalty
+    if f.frequency_penalty:
+        body["frequency_penalty"] = f.frequency_penalty
+    if f.logit_bias:
+        body["logit_bias"] = f.logit_bias
+    if not full:
+        return body
+    if f.logprobs:
+        body["logprobs"] = True
+        if f.top_logprobs:
+            body["top_logprobs"] = f.top_logprobs
+    if f.response_format is not None:
+        body["response_format"] = f.response_format
+    if f.tools:
+        body["tools"] = [t.model_dump(exclude_none=True) for t in f.tools]
+        if f.tool_choice is not None:
+            body["tool_choice"] = f.tool_choice
+    return body
+
+
 def status_error(response: httpx.Response, body: bytes) -> EngineError:
     detail = body[:300].decode(errors="replace")
     message = f"upstream answered {response.status_code}: {detail}"
@@ -121,9 +193,11 @@ class UpstreamEngine:
     """An OpenAI-compatible HTTP server (``--engine openai``)."""
 
     name = "openai"
+    continuable = SAMPLING  # a continuation goes through /v1/completions (see the docstring)
 
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
+        self.capabilities = frozenset(parse_names(config.capabilities))
         self.client: httpx.AsyncClient | None = None
         self.prober: asyncio.Task[None] | None = None
         self.up = False
@@ -233,24 +307,27 @@ class UpstreamEngine:
                 stops += [s for s in TRANSCRIPT_STOPS if s not in stops]
         if stops:
             body["stop"] = stops
+        if job.features is not None:
+            body.update(feature_fields(job.features, full=path == "/v1/chat/completions"))
         return path, body
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[str | TokenOut]:
         produced: list[str] = [request.produced]
         try:
-            async for text in self._generate(request):
-                produced.append(text)
-                yield text
+            async for out in self._generate(request):
+                produced.append(out if isinstance(out, str) else out.text)
+                yield out
         finally:  # the upstream now holds this prompt and answer (the next turn's prefix)
             self.recent.add(block_hashes(render_transcript(request.job) + "".join(produced)))
 
-    async def _generate(self, request: GenerationRequest) -> AsyncIterator[str]:
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[str | TokenOut]:
         if self.client is None:
             raise EngineError("upstream engine not started", code="engine_unavailable", status=503)
         path, body = self.payload(request)
         if body["max_tokens"] <= 0:
             return
         chat = path.endswith("/chat/completions")
+        parse = chunk_text if request.job.features is None else chunk_out
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.timeout_s
         try:
@@ -271,7 +348,7 @@ class UpstreamEngine:
                         raise EngineError(
                             "upstream closed the stream before it finished", code="upstream_error"
                         )
-                    text, finished = chunk_text(line, chat)
+                    text, finished = parse(line, chat)
                     if text:
                         count += 1
                         yield text
