@@ -109,7 +109,7 @@ class Dispatch:
             try:
                 if self._past_deadline():
                     await self._expire()
-                events = await self.events.next(min(1.0, max(0.0, end - time.monotonic())))
+                events = await self.events.next_until(min(end, time.monotonic() + 1.0))
                 if events:
                     self._note(events)
                     return events

@@ -81,23 +81,26 @@ class JobEvents:
 
     async def next(self, timeout: float) -> list[Event]:
         """New events in order (empty after ``timeout`` seconds without any)."""
+        return await self.next_until(time.monotonic() + timeout)
+
+    async def next_until(self, end: float) -> list[Event]:
+        """New events in order (empty at ``end``, monotonic seconds, without any)."""
         assert self.listener is not None
-        end = time.monotonic() + timeout
         while True:
             if self.needs_log or self.listener.lagging:
                 events = await self._from_log()
             else:
                 events = self._from_queue()
+            now = time.monotonic()
             if events:
-                self.last_event_at = time.monotonic()
+                self.last_event_at = now
                 return events
-            left = end - time.monotonic()
-            if left <= 0:
+            if now >= end:
                 return []
             # quiet for a while: make sure nothing was missed (pub/sub only loses messages on
             # a disconnect, which marks the listener anyway; this is the belt to it)
             quiet_since = max(self.last_event_at, self.last_log_read)
-            if not await self.listener.wait(left) and time.monotonic() - quiet_since >= self.poll_s:
+            if not await self.listener.wait_until(end) and end - quiet_since >= self.poll_s:
                 self.needs_log = True
 
     def _from_queue(self) -> list[Event]:

@@ -101,6 +101,7 @@ async def stream_response(
         headers=headers,
         send_timeout_s=state.settings.send_timeout_s,
         cut=cut,
+        deadlines=state.mux.deadlines,
     )
 
 
