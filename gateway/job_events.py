@@ -4,6 +4,14 @@
 before (or was missed), then takes events from the pub/sub listener. It drops events whose
 sequence number it has already passed on, and falls back to the log whenever it sees a gap, the
 listener lagged, or nothing arrived for a while.
+
+Trust: a pub/sub batch is taken only when it carries the fence of the job's current claim, as
+known from the job's state (read with the log; a job this gateway just queued has had no claim
+yet, so its first claim's fence is 1). Anything else, a stale worker's batch, a forged one, a
+new claim's first batch or the gateway's own cancellation (which carries no fence), sends the
+reader to the log, which only ``EMIT`` (fence-checked) and ``CANCEL`` append to. So a process
+that can publish on the channel but does not hold the claim cannot splice text into a stream
+(docs/security.md, "Trust model").
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ class JobEvents:
     LOG_PAGE = 16  # log entries per read: bounds what one stream holds in memory at once
 
     __slots__ = (
+        "fence",
         "finished",
         "job_id",
         "last_event_at",
@@ -61,6 +70,7 @@ class JobEvents:
         # A job this gateway is about to submit has an empty log, and the subscription is
         # sent before the job is queued, so no event can precede it: skip the first read.
         self.needs_log = not fresh
+        self.fence = 1 if fresh else 0  # the claim whose pub/sub batches are taken
         self.last_event_at = time.monotonic()
         self.last_log_read = 0.0
 
@@ -112,6 +122,9 @@ class JobEvents:
             except ValidationError:
                 self.needs_log = True
                 continue
+            if batch.f != self.fence:  # not the current claim's (or one we have not seen yet)
+                self.needs_log = True
+                return out
             last = batch.events[-1] if batch.events else None  # a terminal event ends its batch
             if last is not None and last.t in TERMINAL_EVENT_TYPES and last.s <= self.seq:
                 self.needs_log = True  # it ended before our position: the log ends it again
@@ -132,7 +145,9 @@ class JobEvents:
         self.listener.take()  # the log covers whatever is queued
         # The state first: a terminal state means the log (appended in the same script)
         # already holds the terminal event, so a read that does not find it proves a loss.
-        state = await self.store.job_state(self.model, self.job_id)
+        state, fence = await self.store.state_and_fence(self.model, self.job_id)
+        # a queued job's next writer is its next claim
+        self.fence = fence + 1 if state == JobState.QUEUED else fence
         out: list[Event] = []
         entries = await self.store.read_log(
             self.model, self.job_id, after=self.log_pos, count=self.LOG_PAGE

@@ -194,6 +194,13 @@ class JobStore:
         state = await self.redis.hget(self.keys.job(model, job_id), "state")  # type: ignore[misc]
         return None if state is None else str(state)
 
+    async def state_and_fence(self, model: str, job_id: str) -> tuple[str | None, int]:
+        """The job's state (None: no such job) and its ``fence``, the number of the latest
+        claim; one read, so the two agree."""
+        key = self.keys.job(model, job_id)
+        state, fence = await self.redis.hmget(key, ["state", "fence"])  # type: ignore[misc]
+        return (None if state is None else str(state)), int(fence or 0)
+
     async def state(self, model: str, job_id: str) -> dict[str, str]:
         result: dict[str, str] = await self.redis.hgetall(self.keys.job(model, job_id))  # type: ignore[misc]
         return result
@@ -323,7 +330,7 @@ class JobStore:
         args: list[str | int] = [
             emit.claimed.fence,
             k.job_channel(job.model, job.id),
-            emit.batch.model_dump_json(exclude_none=True),
+            _fenced(emit.batch, emit.claimed.fence).model_dump_json(exclude_none=True),
             emit.batch.events[-1].s,
             emit.new_tokens,
             self.ttl_ms,
@@ -362,6 +369,12 @@ class JobStore:
             args=[claimed.fence, job.id],
         )
         return bool(ok)
+
+
+def _fenced(batch: EventBatch, fence: int) -> EventBatch:
+    """``batch`` stamped with the fence of the claim that writes it (what the gateway checks a
+    pub/sub batch against; ``EMIT`` checks the same fence before it logs and publishes)."""
+    return batch if batch.f == fence else batch.model_copy(update={"f": fence})
 
 
 def _written(reply: Any) -> bool:

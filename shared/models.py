@@ -158,6 +158,9 @@ class EventBatch(BaseModel):
 
     v: Literal[1] = 1
     events: list[Event]
+    # the fence of the claim that wrote it (``JobStore.emit`` sets it): the gateway takes a
+    # pub/sub batch only for the fence it knows from the job's state, else reads the log
+    f: int | None = None
 
 
 class WorkerInfo(BaseModel):
