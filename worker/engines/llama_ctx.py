@@ -174,3 +174,16 @@ class LlamaContext:
 
     def clear_cache(self) -> None:
         self.lib.llama_memory_clear(self.mem, True)
+
+    def save_seq(self, seq: int) -> Any:
+        """A sequence's cells, bit for bit: positions and K/V of every layer (both caches)."""
+        size = int(self.lib.llama_state_seq_get_size(self.ptr, seq))
+        state = (ctypes.c_uint8 * size)()
+        if self.lib.llama_state_seq_get_data(self.ptr, state, size, seq) != size:
+            raise RuntimeError(f"llama.cpp could not save sequence {seq}")
+        return state
+
+    def restore_seq(self, seq: int, state: Any) -> None:
+        """Put saved cells back under ``seq``, in one contiguous run of free cells."""
+        if self.lib.llama_state_seq_set_data(self.ptr, state, len(state), seq) != len(state):
+            raise RuntimeError(f"llama.cpp found no room to restore sequence {seq}")

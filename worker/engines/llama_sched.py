@@ -4,25 +4,29 @@ Each step builds one batch: a decode row for every sequence that has a token to 
 prompt rows (chunked prefill) of sequences still reading their prompt, up to ``MAX_ROWS``
 rows. So a long prompt is read a chunk per step while the others keep decoding, and a new
 sequence starts without waiting for the batch to drain. A finished or cancelled sequence
-frees its sequence id and cells at once; a finished one's cells move into the prefix cache
+frees its sequence id and reservation at once; its cells move into the prefix cache
 (``llama_cache``) for the next request that shares its prefix.
 
 Determinism (measured on llama.cpp's CPU kernels, see docs/reliability.md): a row's logits
 are bitwise independent of the other rows in its batch only when the batch's row count is a
 multiple of ``ROW_ALIGN`` and below 64. Every batch is padded to a multiple of ``ROW_ALIGN``
 with rows of a scratch sequence (removed right after the decode) and never exceeds
-``MAX_ROWS``. Then greedy output is the same alone or in any batch, warm or cold, and a
-continuation that prefills the delivered tokens equals the uninterrupted run.
+``MAX_ROWS``. And every sequence's cells must lie in position order (flash attention sums a
+query's cells in cell order): once cells were freed, the next step first lays every live
+sequence out again (``_compact``). Then greedy output is the same alone or in any batch, warm
+or cold, and a continuation that prefills the delivered tokens equals the uninterrupted run.
 """
 
 from __future__ import annotations
 
 import codecs
+import hashlib
 import queue
 import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from shared.prefix import block_hashes
 from worker.engine import EngineError, GenerationStats
@@ -32,7 +36,7 @@ from worker.engines.llama_sampling import Sampler, SamplingSpec
 
 ROW_ALIGN = 8
 MAX_ROWS = 56
-MIN_CACHED = 1  # every ended sequence's cells go to the cache (freeing them mid-batch makes holes)
+MIN_CACHED = 1  # every ended sequence's cells go to the cache (freeing cells costs a compaction)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,7 @@ class Seq:
     cancelled: bool = False
     text: list[str] = field(default_factory=list)
     sampler: Sampler | None = None
+    digest: Any = None  # hash of every logits row (when the scheduler traces)
     decoder: codecs.IncrementalDecoder = field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
     )
@@ -116,7 +121,9 @@ class Scheduler:
         self.thread = threading.Thread(target=self.run, name="llama-scheduler", daemon=True)
         self.stopping = False
         self.steps = 0
-        self.holes = 0  # cells freed while sequences ran (their later cells may go out of order)
+        self.dirty = False  # cells were freed: lay the live sequences out again before a decode
+        self.trace: list[tuple[str, str]] | None = None  # tests: (prompt text, logits digest)
+        self.compactions = 0
         self.clear_requested = threading.Event()
         self.cleared = threading.Event()
 
@@ -156,6 +163,8 @@ class Scheduler:
             self._admit()
             if self.running:
                 try:
+                    if self.dirty:
+                        self._compact()
                     self._step()
                 except Exception as exc:  # a failed decode ends every sequence in the batch
                     self._fail_all(exc)
@@ -167,6 +176,7 @@ class Scheduler:
         for entry in list(self.cache.entries.values()):
             self._drop_entry(entry)
         self.ctx.clear_cache()
+        self.dirty = False
         self.clear_requested.clear()
         self.cleared.set()
 
@@ -218,11 +228,9 @@ class Scheduler:
         them (they become that sequence's own)."""
         for seq in self.running:
             if seq.shared_from is entry:
-                self.reserved += seq.shared
-                seq.reserved += seq.shared
-                seq.shared_from = None
+                self._own_shared(seq)
         self.ctx.seq_rm(entry.sid)
-        self.holes += 1 if self.running else 0
+        self.dirty = True
         self.cache.remove(entry)
         if entry.chain:
             self.warm(entry.chain, False)
@@ -248,6 +256,7 @@ class Scheduler:
             prompt=plan.prompt,
             produced=plan.produced,
         )
+        seq.digest = hashlib.blake2b(digest_size=16) if self.trace is not None else None
         self.running.append(seq)
 
     # --- one step -------------------------------------------------------------------------
@@ -291,7 +300,10 @@ class Scheduler:
         if seq.out:
             seq.fed += 1  # the token fed this step now holds a cell
         assert seq.sampler is not None
-        token = seq.sampler(self.ctx.logits(row))
+        logits = self.ctx.logits(row)
+        if seq.digest is not None:
+            seq.digest.update(logits.tobytes())
+        token = seq.sampler(logits)
         if self.ctx.model.is_eog(token):
             self._finish(seq, "")
             return
@@ -317,12 +329,16 @@ class Scheduler:
         """Free a sequence's id and cells; a finished one's cells go to the prefix cache."""
         self.running.remove(seq)
         self.reserved -= seq.reserved
+        if seq.digest is not None and self.trace is not None:
+            self.trace.append((seq.plan.text, seq.digest.hexdigest()))
         tokens = seq.evaluated()
         sid = self._cache_sid() if keep and len(tokens) >= MIN_CACHED else None
         if sid is not None:
             self.ctx.seq_rm(sid)
             self.ctx.seq_cp(seq.sid, sid, -1, -1)
             self._cache(Entry(sid, tokens), seq)
+        else:
+            self.dirty = True  # its cells are freed, not kept
         self.ctx.seq_rm(seq.sid)
         self.free_sids.append(seq.sid)
 
@@ -341,11 +357,50 @@ class Scheduler:
         if entry.chain:
             self.warm(entry.chain, True)
 
+    def _compact(self) -> None:
+        """Lay every live sequence out again: contiguous, in position order, free cells last.
+
+        llama.cpp puts a new token in the first free cell it finds from a head that moves back
+        to any cell freed below it. After an eviction, a sequence's next token (or a new
+        sequence's, after a cached prefix higher up) can land below its earlier cells; flash
+        attention then sums that query's cells in another order: other last bits, and
+        sometimes, tokens later, another greedy token (docs/reliability.md). So before the
+        next decode every live sequence (running ones and cached prefixes) is saved bit for
+        bit (``llama_state_seq_get_data``), the cache cleared, and each restored into one
+        contiguous run: no cell is free below a live one, and new tokens go after all of
+        them. Cells shared through ``seq_cp`` come back once per holder, as the accounting
+        already counts them (a running sequence's shared prefix becomes its own; cached
+        prefixes are evicted first if that needs room). The cost is a copy of the live cells
+        (~18 KB each for Gemma 3 270M), paid only after an eviction.
+        """
+        while self.free_cells() - self.cache.cells < self._shared_cells() and self.cache.entries:
+            victim = self.cache.oldest()
+            assert victim is not None
+            self._drop_entry(victim)
+        live = [s.sid for s in self.running if s.fed > 0] + list(self.cache.entries)
+        states = [(sid, self.ctx.save_seq(sid)) for sid in live]
+        self.ctx.clear_cache()
+        for sid, state in states:
+            self.ctx.restore_seq(sid, state)
+        for seq in self.running:
+            if seq.shared_from is not None:
+                self._own_shared(seq)
+        self.dirty = False
+        self.compactions += 1
+
+    def _shared_cells(self) -> int:
+        return sum(s.shared for s in self.running if s.shared_from is not None)
+
+    def _own_shared(self, seq: Seq) -> None:
+        """The cells a sequence shares with a cached prefix become its own (reserved)."""
+        self.reserved += seq.shared
+        seq.reserved += seq.shared
+        seq.shared_from = None
+
     def _trim(self) -> None:
-        """Idle: evict cached prefixes (LRU) down to the cache's share of the cells. Evicting
-        while sequences run would leave holes their next tokens could fall into, out of
-        position order; so while busy the cache may use any cell no sequence reserved, and
-        gives cells back only when a new sequence needs them."""
+        """Idle: evict cached prefixes (LRU) down to the cache's share of the cells. While busy
+        the cache may use any cell no sequence reserved and gives cells back only when a new
+        sequence needs them: every eviction costs a compaction before the next decode."""
         while self.cache.entries and self.cache.cells > self.cache.budget:
             victim = self.cache.oldest()
             assert victim is not None
