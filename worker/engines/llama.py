@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import suppress
 from dataclasses import dataclass
@@ -271,7 +272,7 @@ class LlamaEngine:
         seq = Seq(plan, emit, request.stats, inputs=plan.prompt + plan.produced)
         sched.submit(seq)
         stops = StopMatcher(plan.stops)
-        logprobs = plan.spec is not None and plan.spec.logprobs >= 0
+        held = HeldLogprobs() if plan.spec is not None and plan.spec.logprobs >= 0 else None
         try:
             while (item := await inbox.get()) is not None:
                 if isinstance(item, EngineError):
@@ -279,7 +280,11 @@ class LlamaEngine:
                 text = stops.feed(item.text)
                 if item.last:
                     text += stops.flush()
-                yield TokenOut(text, self._records(seq, item.last)) if logprobs else text
+                if held is None:
+                    yield text
+                else:
+                    held.add(self._records(seq, item.last), item.text)
+                    yield TokenOut(text, held.release(len(text), stops.stopped))
                 if stops.stopped:
                     return
             tail = stops.flush()  # end of sequence with text held back
@@ -301,6 +306,33 @@ class LlamaEngine:
             records.clear()
             return out
         return (records.popleft(),)
+
+
+class HeldLogprobs:
+    """Logprobs wait with their token's text while a stop sequence may hold it back: a token's
+    entry goes out once its text is out, or (at a stop) if some of its text went out before
+    the stop; the entries of tokens the stop cut off are dropped with their text."""
+
+    def __init__(self) -> None:
+        self.fed = 0
+        self.released = 0
+        self.waiting: deque[tuple[int, int, dict[str, Any]]] = deque()
+
+    def add(self, records: tuple[dict[str, Any], ...], text: str) -> None:
+        for record in records:
+            self.waiting.append((self.fed, self.fed + len(text), record))
+        self.fed += len(text)
+
+    def release(self, chars: int, stopped: bool) -> tuple[dict[str, Any], ...]:
+        self.released += chars
+        out = []
+        while self.waiting and (
+            self.waiting[0][1] <= self.released or (stopped and self.waiting[0][0] < self.released)
+        ):
+            out.append(self.waiting.popleft()[2])
+        if stopped:
+            self.waiting.clear()
+        return tuple(out)
 
 
 def chat_formatter(model: LlamaModel) -> Any:
