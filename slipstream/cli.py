@@ -31,12 +31,29 @@ def gateway(
         list[str] | None, typer.Option(help="Model accepted before any worker serves it")
     ] = None,
     log_format: Annotated[str | None, typer.Option(help="json or console")] = None,
+    processes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            envvar="SLIPSTREAM_GATEWAY_PROCESSES",
+            help="Gateway processes sharing the port (one per core that relaying needs)",
+        ),
+    ] = 1,
+    metrics_port: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            envvar="SLIPSTREAM_GATEWAY_METRICS_PORT",
+            help="Process i also listens on this port + i, for scraping each one (0: off)",
+        ),
+    ] = 0,
 ) -> None:
     """Run the OpenAI-compatible gateway."""
     from gateway.main import main as run
     from gateway.settings import GatewaySettings
 
-    run(GatewaySettings(**_given(host=host, port=port, models=model, log_format=log_format)))
+    settings = GatewaySettings(**_given(host=host, port=port, models=model, log_format=log_format))
+    run(settings, processes, metrics_port)
 
 
 @app.command()
