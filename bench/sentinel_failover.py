@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
@@ -42,8 +43,8 @@ class Outcome:
     streams: int
     min_replicas: int
     failover_s: float = 0.0  # kill -> every sentinel names the new master
-    first_token_after_kill_s: float = 0.0  # the earliest stream to receive a token again
-    resume_p50_s: float = 0.0  # kill -> next token, median over streams still running
+    first_token_after_kill_s: float = 0.0  # kill -> the first stream flowing again
+    resume_p50_s: float = 0.0  # kill -> a stream flowing again, median over the streams
     resume_max_s: float = 0.0
     completed: int = 0  # streams that ended with [DONE] and exactly one finish
     text_equal: int = 0  # streams whose text equals the uninterrupted greedy answer
@@ -132,13 +133,21 @@ def judge(outcome: Outcome, killed_at: float) -> None:
         finished = record.frames and record.frames[-1][1] == "[DONE]"
         outcome.completed += int(bool(finished) and len(record.terminals()) == 1)
         outcome.text_equal += int(record.text() == greedy_text(prompt, MAX_TOKENS))
-        after = [t for _, data, t in record.frames if t > killed_at and data.startswith("{")]
-        if after:
-            resumes.append(after[0] - killed_at)
+        resumed = resumed_at(record, killed_at)
+        if resumed is not None:
+            resumes.append(resumed - killed_at)
     if resumes:
         outcome.first_token_after_kill_s = min(resumes)
         outcome.resume_p50_s = statistics.median(resumes)
         outcome.resume_max_s = max(resumes)
+
+
+def resumed_at(record: StreamRecord, killed_at: float) -> float | None:
+    """When the stream flowed again after the kill: the frame that ends its longest silence
+    ending after the kill (tokens already in flight at the kill arrive before that silence)."""
+    times = [t for _, data, t in record.frames if data.startswith("{")]
+    gaps = [(b - a, b) for a, b in itertools.pairwise(times) if b > killed_at]
+    return max(gaps)[1] if gaps else None
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:

@@ -61,7 +61,7 @@ def test_sentinel_url_parts() -> None:
 )
 def test_malformed_sentinel_urls_fail_at_start(url: str) -> None:
     with pytest.raises(ValueError):
-        CommonSettings(REDIS_URL=url)  # type: ignore[call-arg]
+        CommonSettings(REDIS_URL=url)
 
 
 async def test_streams_survive_a_master_kill() -> None:
