@@ -150,6 +150,9 @@ class PubSubMultiplexer:
         self.pubsub: PubSub | None = None
         self.reconnects = 0
         self.deadlines = Deadlines()
+        # channels no stream listens to any more: unsubscribed in one command per tick (a
+        # command per finished stream was a round trip of Redis's time per request)
+        self._leaving: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -167,6 +170,7 @@ class PubSubMultiplexer:
     async def _connect(self) -> None:
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         await pubsub.subscribe(self.home_channel, *self.listeners)
+        self._leaving.clear()  # a new connection subscribes only to what is listened to
         if pubsub.connection is not None:  # redis-py reconnects (and resubscribes) by itself
             pubsub.connection.register_connect_callback(self._reconnected)
         self.pubsub = pubsub
@@ -193,7 +197,9 @@ class PubSubMultiplexer:
         listener = Listener(channel, self.queue_size, self.deadlines)
         group = self.listeners.setdefault(channel, set())
         group.add(listener)
-        if len(group) == 1 and self.pubsub is not None:
+        if len(group) == 1 and channel in self._leaving:
+            self._leaving.discard(channel)  # never left: still subscribed
+        elif len(group) == 1 and self.pubsub is not None:
             try:
                 await self.pubsub.subscribe(channel)
             except (RedisError, OSError):
@@ -207,15 +213,17 @@ class PubSubMultiplexer:
         group.discard(listener)
         if not group:
             del self.listeners[listener.channel]
-            if self.pubsub is not None:
-                with contextlib.suppress(RedisError, OSError):
-                    await self.pubsub.unsubscribe(listener.channel)
+            self._leaving.add(listener.channel)  # one UNSUBSCRIBE for many, at the next tick
 
     async def _tick_loop(self) -> None:
         """Drives the ``Deadlines`` wheel that every stream's timeouts share."""
         while True:
             await asyncio.sleep(self.deadlines.tick)
             self.deadlines.fire(time.monotonic())
+            if self._leaving and self.pubsub is not None:
+                channels, self._leaving = list(self._leaving), set()
+                with contextlib.suppress(RedisError, OSError):  # a reconnect forgets them anyway
+                    await self.pubsub.unsubscribe(*channels)
 
     async def _read_loop(self) -> None:
         while True:

@@ -1,0 +1,78 @@
+"""The relay's shared timing: waits end on the ``Deadlines`` wheel (never early, at most a few
+ticks late, without a timer each), and channels no stream listens to are unsubscribed in
+batches at the next tick (a stream that comes back first keeps the subscription)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from redis.asyncio import Redis
+
+from gateway.multiplexer import TICK_S, Deadlines, PubSubMultiplexer
+
+
+class Seen:
+    def __init__(self) -> None:
+        self.at: list[float] = []
+
+    def expire(self, now: float) -> None:
+        self.at.append(now)
+
+
+def test_the_wheel_fires_each_item_once_never_early() -> None:
+    wheel = Deadlines(tick=0.05)
+    start = time.monotonic()
+    items = [(start + d, Seen()) for d in (0.01, 0.2, 0.2, 1.0)]
+    for when, item in items:
+        wheel.add(when, item)
+    for step in range(1, 30):  # 1.45 s in ticks
+        wheel.fire(start + step * 0.05)
+    for when, item in items:
+        assert len(item.at) == 1
+        assert when <= item.at[0] <= when + 0.1
+    assert not wheel.buckets
+
+
+async def test_a_wait_ends_on_time_and_a_delivery_ends_it_at_once(redis: Redis) -> None:
+    mux = PubSubMultiplexer(redis, queue_size=4)
+    await mux.start()
+    try:
+        listener = await mux.subscribe("chan-timing")
+        began = time.monotonic()
+        assert not await listener.wait(0.3)  # nothing came
+        waited = time.monotonic() - began
+        assert 0.3 <= waited <= 0.3 + 4 * TICK_S + 0.2
+        later = asyncio.create_task(listener.wait(30.0))
+        await asyncio.sleep(0.05)
+        await redis.publish("chan-timing", "x")
+        assert await asyncio.wait_for(later, 5.0)
+        assert listener.take() == ["x"]
+    finally:
+        await mux.close()
+
+
+async def numsub(redis: Redis, channel: str) -> int:
+    return int(dict(await redis.pubsub_numsub(channel))[channel])
+
+
+async def test_unsubscribes_go_out_at_the_next_tick(redis: Redis) -> None:
+    mux = PubSubMultiplexer(redis, queue_size=4)
+    await mux.start()
+    try:
+        gone = await mux.subscribe("chan-gone")
+        back = await mux.subscribe("chan-back")
+        assert await numsub(redis, "chan-gone") == 1
+        await mux.unsubscribe(gone)
+        await mux.unsubscribe(back)
+        back = await mux.subscribe("chan-back")  # before the tick: never left
+        for _ in range(100):  # bounded: 5 s
+            if await numsub(redis, "chan-gone") == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await numsub(redis, "chan-gone") == 0
+        assert await numsub(redis, "chan-back") == 1
+        await redis.publish("chan-back", "still here")
+        assert await back.wait(5.0) and back.take() == ["still here"]
+    finally:
+        await mux.close()
