@@ -149,6 +149,8 @@ def frames_of(
 def chunks(events: list[Event], size: int = 64) -> list[list[Event]]:
     """At most ``size`` events per write, so a reader that stops reading blocks the next send
     (and is cut after ``send_timeout_s``) instead of piling output up in the gateway."""
+    if len(events) <= size:  # nearly always: one write, no copy
+        return [events] if events else []
     return [events[i : i + size] for i in range(0, len(events), size)]
 
 
