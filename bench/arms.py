@@ -53,6 +53,19 @@ def available(name: str) -> bool:
     return True
 
 
+def skipped_arms() -> dict[str, str]:
+    """Every arm whose software is missing, with why: recorded in the results and printed in
+    the report ("arm skipped: nginx not installed"), so an arm never silently vanishes from
+    the tables. ``make bench`` installs nginx and haproxy first (Debian packages)."""
+    tools = {"nginx": "nginx", "haproxy": "haproxy", "slipstream": "redis-server"}
+    out = {}
+    for name in ARMS:
+        tool = next((t for prefix, t in tools.items() if name.startswith(prefix)), None)
+        if tool is not None and not available(name):
+            out[name] = f"arm skipped: {tool} not installed"
+    return out
+
+
 async def http_ok(url: str) -> bool:
     status, _ = await http_json(url, timeout=2.0)
     return status == 200

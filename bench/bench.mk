@@ -7,12 +7,17 @@ BENCH_PY ?= .venv/bin/python
 BENCH_ARGS ?=
 BENCH_SMOKE_OUT ?= bench/results/smoke
 
-.PHONY: bench bench-full bench-smoke
+.PHONY: bench bench-deps bench-full bench-smoke
 
-bench:
+# nginx and haproxy are arms of the comparison: installed first (Debian packages); a run
+# without them still works and says "arm skipped: nginx not installed" in the report.
+bench-deps:
+	-bash scripts/install-system-deps.sh nginx haproxy
+
+bench: bench-deps
 	$(BENCH_PY) -m bench quick $(BENCH_ARGS)
 
-bench-full:
+bench-full: bench-deps
 	$(BENCH_PY) -m bench full $(BENCH_ARGS)
 
 bench-smoke:

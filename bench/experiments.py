@@ -134,6 +134,7 @@ async def run_plan(
     plan: Plan, only: tuple[str, ...], workdir: Path | None = None
 ) -> dict[str, Any]:
     """Run the chosen experiments; a failing experiment is recorded, the others still run."""
+    from bench.arms import skipped_arms
     from bench.balance import run_balance
     from bench.churn import run_churn
     from bench.multiturn import run_warm
@@ -149,6 +150,9 @@ async def run_plan(
     }
     work = workdir or Path(tempfile.mkdtemp(prefix="slip-bench-"))
     out: dict[str, Any] = {"plan": plan.describe(), "machine": describe(), "seconds": {}}
+    out["skipped_arms"] = skipped_arms()
+    for why in out["skipped_arms"].values():
+        print(f"[bench] {why}", flush=True)
     for name in EXPERIMENTS:
         if name not in only:
             continue

@@ -70,6 +70,14 @@ def _merged_md(results: dict[str, Any]) -> str:
     return "".join(lines)
 
 
+def _skipped_md(results: dict[str, Any]) -> str:
+    skipped = results.get("skipped_arms") or {}
+    return "".join(
+        f"- **{LABELS.get(k, k)}: {why}** (absent from every table).\n"
+        for k, why in skipped.items()
+    )
+
+
 def method_md(results: dict[str, Any]) -> str:
     plan, machine = results["plan"], results["machine"]
     pkgs = ", ".join(f"{k} {v}" for k, v in machine["packages"].items() if v)
@@ -89,7 +97,7 @@ def method_md(results: dict[str, Any]) -> str:
         f"fleet change {plan['churn_duration_s']:.0f} s. `make bench-full` runs loads "
         "0.5/0.7/0.85/0.95/1.1 for 60 s with 3 repetitions each, 1k-10k streams, 60 s fleet "
         "changes and 2000 requests per overhead repetition.\n"
-        f"{_merged_md(results)}"
+        f"{_merged_md(results)}{_skipped_md(results)}"
         "- Everything runs on 127.0.0.1 of this one machine: load generator, balancers, "
         "backends, Redis, gateway and workers share its cores, so absolute figures are "
         "pessimistic for every arm; the comparison is like for like (same trace, same client, "
