@@ -219,6 +219,7 @@ class RequestObserver:
         "metrics",
         "outcome",
         "stream",
+        "streamed",
         "timed",
         "tokens",
     )
@@ -226,6 +227,7 @@ class RequestObserver:
     def __init__(self, metrics: GatewayMetrics, job: Job, *, stream: bool, timed: bool) -> None:
         self.metrics = metrics
         self.job = job
+        self.streamed = metrics.streamed_tokens.labels(job.model)  # looked up once, not per event
         self.stream = stream
         self.timed = timed
         self.tokens = 0
@@ -251,7 +253,7 @@ class RequestObserver:
         if tokens:
             self.tokens += tokens
             self.last_token_at = now
-            self.metrics.streamed_tokens.labels(self.job.model).inc(tokens)
+            self.streamed.inc(tokens)
 
     def on_exit(self, dispatch: Dispatch, *, error: bool = False) -> None:
         """The dispatch ended; without a terminal event the client left (or the gateway did)."""
