@@ -36,6 +36,16 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def gateway_split(pin: bool) -> tuple[frozenset[int] | None, frozenset[int] | None]:
+    """(the gateway's CPUs, everyone else's) when ``pin``: the last CPU for the gateway alone
+    (``taskset`` in effect), so a figure about the gateway is not about the load generator,
+    Redis and the workers sharing its core. (None, None) unpinned or on one CPU."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pin or len(cpus) < 2:
+        return None, None
+    return frozenset(cpus[-1:]), frozenset(cpus[:-1])
+
+
 def _preexec(cpus: frozenset[int] | None) -> Callable[[], None]:
     def setup() -> None:
         with contextlib.suppress(OSError, AttributeError):

@@ -29,7 +29,7 @@ from typing import Any
 
 from bench.arms import SlipstreamArm
 from bench.fleet import MODEL, Backend
-from bench.process import PYTHON
+from bench.process import PYTHON, gateway_split
 
 CLIENT = r"""
 import asyncio, json, sys, time
@@ -53,14 +53,6 @@ async def main(port, n):
         print(json.dumps({"frames": counts[0], "t": time.monotonic()}), flush=True)
 asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
 """
-
-
-def _split_cpus(pin: bool) -> tuple[frozenset[int] | None, frozenset[int] | None]:
-    """(gateway CPUs, everyone else's): the last CPU for the gateway when ``pin``."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if not pin or len(cpus) < 2:
-        return None, None
-    return frozenset(cpus[-1:]), frozenset(cpus[:-1])
 
 
 class _Client:
@@ -95,7 +87,7 @@ def _profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | N
 
 
 async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    gw_cpus, other_cpus = _split_cpus(args.pin)
+    gw_cpus, other_cpus = gateway_split(args.pin)
     fleet = [Backend("streamer", slots=args.streams + 64, tokens_per_s=args.rate, ttft_ms=0.0)]
     arm = SlipstreamArm(
         fleet, workdir, other_cpus, worker_env={"SLIPSTREAM_COALESCE_MS": "0"}, gateway_cpus=gw_cpus

@@ -258,12 +258,14 @@ def streams_md(results: dict[str, Any]) -> str:
         f"{section['ramp_per_s']:.0f}/s, then measured while all are open. Memory = gateway RSS "
         "at the plateau minus before the ramp, per open stream. Delivery = publish (Redis "
         "timestamp of the event-log entry written with the PUBLISH) to client arrival. "
-        "Loop lag = `GET /healthz` round trip from a separate probe process.\n\n"
+        "Loop lag = `GET /healthz` round trip from a separate probe process. Gateway µs/event "
+        "= its CPU over the events relayed (one token each, pings included)"
+        f"{_pinned(section)}.\n\n"
     )
     rows = []
     for r in section["rows"]:
         if "failed" in r:
-            rows.append([str(r["streams"]), "failed", r["failed"][:120], "", "", "", "", ""])
+            rows.append([str(r["streams"]), "failed", r["failed"][:120], *[""] * 6])
             continue
         h = r["healthz"]
         rows.append(
@@ -274,6 +276,7 @@ def streams_md(results: dict[str, Any]) -> str:
                 f"{_f(r['delivery_p50_ms'])} / {_f(r['delivery_p99_ms'])}",
                 f"{_f(h.get('p50_ms'))} / {_f(h.get('p99_ms'))}",
                 _f(r["tokens_per_s_per_stream"], 2),
+                _f(r.get("gateway_us_per_event")),
                 _f(r["rss_plateau_mb"]),
                 ", ".join(f"{k} {v:.2f}" for k, v in r.get("cpu_cores", {}).items()) or "-",
             ]
@@ -285,10 +288,18 @@ def streams_md(results: dict[str, Any]) -> str:
         "delivery p50 / p99 ms",
         "healthz p50 / p99 ms",
         "tokens/s per stream",
+        "gateway µs/event",
         "gateway RSS MB",
         "CPU cores used",
     ]
     return out + _table(header, rows) + "\n![Streams](bench_streams.png)\n\n"
+
+
+def _pinned(section: dict[str, Any]) -> str:
+    rows = [r for r in section["rows"] if "failed" not in r]
+    if rows and all(r.get("gateway_pinned") for r in rows):
+        return "; the gateway pinned to a CPU of its own, everything else on the others"
+    return "; nothing pinned (every process shares every core)"
 
 
 def fleet_md(results: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -21,7 +22,7 @@ from typing import Any
 from bench.arms import SlipstreamArm
 from bench.client import Stamps, Target, one_request, run_closed
 from bench.fleet import MODEL, Backend
-from bench.process import PYTHON, own_cpu_seconds
+from bench.process import PYTHON, gateway_split, own_cpu_seconds
 from bench.result import Result
 from bench.stats import percentile
 from bench.trace import TraceRequest
@@ -135,11 +136,38 @@ async def _hold(arm: SlipstreamArm, plan: Any) -> tuple[list[int], dict[str, Any
 
 
 async def one_count(n: int, plan: Any, workdir: Path) -> dict[str, Any]:
-    fleet = [Backend("streamer", slots=n + 64, tokens_per_s=1.0, ttft_ms=0.0)]
+    """One stream count; with ``plan.pin`` the gateway has a CPU to itself."""
     gw_env = {"SLIPSTREAM_SSE_PING_S": str(plan.stream_ping_s)}
+    gw_cpus, others = gateway_split(plan.pin)
+    mine = os.sched_getaffinity(0)
+    if others:  # the load generator (and the probe it starts) off the gateway's core
+        os.sched_setaffinity(0, others)
+    try:
+        row = await _one_count(n, plan, workdir, gw_env, (gw_cpus, others))
+    finally:
+        os.sched_setaffinity(0, mine)
+    gateway_cores = row.get("cpu_cores", {}).get("gateway")
+    events_per_s = row["opened"] * row["tokens_per_s_per_stream"]
+    if gateway_cores and events_per_s:
+        row["gateway_us_per_event"] = round(gateway_cores * 1e6 / events_per_s, 1)
+    row["gateway_pinned"] = gw_cpus is not None
+    return row
+
+
+async def _one_count(
+    n: int,
+    plan: Any,
+    workdir: Path,
+    gw_env: dict[str, str],
+    cpus: tuple[frozenset[int] | None, frozenset[int] | None],
+) -> dict[str, Any]:
+    fleet = [Backend("streamer", slots=n + 64, tokens_per_s=1.0, ttft_ms=0.0)]
     ramp_s = n / plan.stream_ramp_per_s
     tokens = int(ramp_s + plan.stream_hold_s + 60)
-    async with SlipstreamArm(fleet, workdir / f"streams-{n}", gateway_env=gw_env) as arm:
+    arm = SlipstreamArm(
+        fleet, workdir / f"streams-{n}", cpus[1], gateway_env=gw_env, gateway_cpus=cpus[0]
+    )
+    async with arm:
         assert arm.gateway is not None
         warm = [TraceRequest(10**7 + i, 0.0, "warm", 1, "normal", 60_000) for i in range(16)]
         await run_closed(arm.target(), warm, concurrency=16)
