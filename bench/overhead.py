@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.arms import available, make_arm
+from bench.arms import SlipstreamArm, available, make_arm
 from bench.client import Target, one_request, run_closed
 from bench.fleet import Backend
 from bench.process import cpu_count, own_cpu_seconds
@@ -40,6 +40,20 @@ def pinned(pin: bool) -> Iterator[frozenset[int] | None]:
         yield frozenset(cpus[1:])
     finally:
         os.sched_setaffinity(0, set(cpus))
+
+
+BASELINE = "slipstream-before"
+
+
+def _baseline_arm(tree: str, workdir: Path) -> Any:
+    """``BENCH_BASELINE_TREE=<a checkout>``: one more Slipstream arm whose gateway runs that
+    tree's code (``PYTHONPATH``), beside this tree's, in the same run and interleaved with it:
+    a before/after of the gateway, same machine, same minutes. Workers run this tree."""
+    arm = make_arm("slipstream", [INSTANT], workdir / "overhead-before")
+    assert isinstance(arm, SlipstreamArm)
+    arm.gateway_env = {"PYTHONPATH": tree}
+    arm.name = BASELINE
+    return arm
 
 
 def requests(n: int, tokens: int, *, offset: int = 0) -> list[TraceRequest]:
@@ -70,6 +84,10 @@ async def ttft_overhead(plan: Any, workdir: Path) -> dict[str, Any]:
             for name in names:
                 arm = make_arm(name, [INSTANT], workdir / "overhead", cpus=cpus)
                 arms[name] = await stack.enter_async_context(arm)
+            if baseline := os.environ.get("BENCH_BASELINE_TREE"):
+                arms[BASELINE] = await stack.enter_async_context(_baseline_arm(baseline, workdir))
+                reps[BASELINE] = []
+                out["baseline_tree"] = baseline
             for arm in arms.values():
                 await run_closed(arm.target(), requests(plan.overhead_warmup, plan.overhead_tokens))
             for rep in range(plan.reps):
