@@ -33,7 +33,7 @@ import contextlib
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import structlog
@@ -64,7 +64,8 @@ class Fleet:
     seq_speed: float = 0.0  # tokens/s of one sequence (0: unknown)
     seqs: int = 0
     context_tokens: int = 0  # smallest advertised context (0: some worker does not say)
-    capabilities: tuple[Capabilities, ...] = ()  # each live worker's (shared.capabilities)
+    # each live worker's (shared.capabilities); not part of the fleet's figures' equality
+    capabilities: tuple[Capabilities, ...] = field(default=(), compare=False)
 
     @property
     def drain_rate(self) -> float:
