@@ -2,7 +2,9 @@
 processes (Debian's ``redis-sentinel`` package), for the failover test and benchmark.
 
 Sentinels watch with a short ``down-after-milliseconds`` so that a failover takes about two
-seconds instead of the default thirty; everything else is Redis's defaults.
+seconds instead of the default thirty; everything else is Redis's defaults. With ``tls`` every
+server and sentinel listens only on TLS (a throwaway CA made with the ``openssl`` CLI) and
+replicates and monitors over TLS.
 """
 
 from __future__ import annotations
@@ -16,9 +18,26 @@ from pathlib import Path
 
 import redis
 
-from tests.helpers import RedisProcess, free_port, start_redis, wait_for_port
+from tests.helpers import RedisProcess, free_port, wait_for_port
 
 SERVICE = "mymaster"
+
+
+def make_certs(workdir: Path) -> Path:
+    """A CA and a server certificate for 127.0.0.1 in ``workdir``; returns it."""
+    openssl = shutil.which("openssl")
+    assert openssl, "openssl must be installed for the TLS test"
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=workdir, check=True, capture_output=True)
+
+    key = ["-newkey", "rsa:2048", "-nodes"]
+    run("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=test-ca")
+    run("req", *key, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (workdir / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.crt", "-days", "1", "-extfile", "ext.cnf")  # fmt: skip
+    return workdir
 
 
 @dataclass
@@ -30,26 +49,23 @@ class SentinelSet:
     sentinels: list[tuple[int, subprocess.Popen[bytes]]] = field(default_factory=list)
     password: str | None = None
     down_after_ms: int = 500
+    certs: Path | None = None  # TLS everywhere when set
 
     @classmethod
     def start(
-        cls, *, replicas: int = 1, password: str | None = None, down_after_ms: int = 500
+        cls,
+        *,
+        replicas: int = 1,
+        password: str | None = None,
+        down_after_ms: int = 500,
+        tls: bool = False,
     ) -> SentinelSet:
-        auth = ["--requirepass", password, "--masterauth", password] if password else []
-        master = start_redis("--repl-diskless-sync-delay", "0", *auth)
-        copies = [
-            start_redis(
-                "--replicaof",
-                "127.0.0.1",
-                str(master.port),
-                "--repl-diskless-sync-delay",
-                "0",
-                *auth,
-            )
-            for _ in range(replicas)
-        ]
-        group = cls(master, copies, password=password, down_after_ms=down_after_ms)
+        certs = make_certs(Path(tempfile.mkdtemp(prefix="slip-tls-"))) if tls else None
+        group = cls(start_server([], password, certs), [], [], password, down_after_ms, certs)
         try:
+            for _ in range(replicas):
+                follow = ["--replicaof", "127.0.0.1", str(group.master.port)]
+                group.replicas.append(start_server(follow, password, certs))
             for _ in range(3):
                 group.sentinels.append(group._start_sentinel())
             group.wait_ready()
@@ -64,7 +80,7 @@ class SentinelSet:
         port = free_port()
         workdir = Path(tempfile.mkdtemp(prefix="slip-sentinel-"))
         lines = [
-            f"port {port}",
+            *(tls_lines(port, self.certs) if self.certs else [f"port {port}"]),
             "bind 127.0.0.1",
             f"dir {workdir}",
             f"sentinel monitor {SERVICE} 127.0.0.1 {self.master.port} 2",
@@ -84,10 +100,22 @@ class SentinelSet:
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{port}" for port, _ in self.sentinels)
         auth = f":{self.password}@" if self.password else ""
-        return f"redis+sentinel://{auth}{hosts}/{SERVICE}/0"
+        if self.certs is None:
+            return f"redis+sentinel://{auth}{hosts}/{SERVICE}/0"
+        return f"rediss+sentinel://{auth}{hosts}/{SERVICE}/0?ssl_ca_certs={self.certs}/ca.crt"
+
+    def _client(self, port: int, password: str | None = None) -> redis.Redis:
+        return redis.Redis(
+            port=port,
+            password=password,
+            socket_timeout=1.0,
+            decode_responses=True,
+            ssl=self.certs is not None,
+            ssl_ca_certs=f"{self.certs}/ca.crt" if self.certs else None,
+        )
 
     def _ask(self, port: int, *command: str) -> object:
-        with redis.Redis(port=port, socket_timeout=1.0, decode_responses=True) as client:
+        with self._client(port) as client:
             return client.execute_command(*command)
 
     def master_port(self) -> int:
@@ -112,9 +140,7 @@ class SentinelSet:
 
     def _in_sync(self) -> bool:
         """Every replica finished its first sync (a failover before it would lose all)."""
-        with redis.Redis(
-            port=self.master.port, password=self.password, socket_timeout=1.0
-        ) as client:
+        with self._client(self.master.port, self.password) as client:
             info = client.info("replication")
         online = [k for k, v in info.items() if k.startswith("slave") and "online" in str(v)]
         return len(online) >= len(self.replicas)
@@ -165,3 +191,34 @@ class SentinelSet:
                 proc.wait(10)
         for server in [self.master, *self.replicas]:
             server.stop(kill=True)
+
+
+def tls_lines(port: int, certs: Path) -> list[str]:
+    """Config lines: listen on ``port`` with TLS only, and speak TLS to other servers."""
+    return [
+        "port 0",
+        f"tls-port {port}",
+        f"tls-cert-file {certs}/server.crt",
+        f"tls-key-file {certs}/server.key",
+        f"tls-ca-cert-file {certs}/ca.crt",
+        "tls-auth-clients no",
+        "tls-replication yes",
+    ]
+
+
+def start_server(extra: list[str], password: str | None, certs: Path | None) -> RedisProcess:
+    """A redis-server on a free port (TLS only when ``certs``), quick to start a replica."""
+    server = shutil.which("redis-server")
+    assert server, "redis-server must be installed (apt-get install redis-server)"
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="slip-redis-")
+    args = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir]
+    args += ["--appendonly", "no", "--repl-diskless-sync-delay", "0"]
+    for line in tls_lines(port, certs) if certs else []:
+        name, value = line.split(" ", 1)
+        args += [f"--{name}", value]
+    if password:
+        args += ["--requirepass", password, "--masterauth", password]
+    proc = subprocess.Popen([*args, *extra], stdout=subprocess.DEVNULL)
+    wait_for_port(port)
+    return RedisProcess(port, proc, workdir, [*args, *extra])

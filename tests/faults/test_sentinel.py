@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from redis.exceptions import RedisError
 
 from bench.sentinel_failover import MAX_TOKENS, failover
 from shared.jobs import JobStore
@@ -151,3 +152,23 @@ async def wait_janitor_log(redis: object, n: int, timeout: float = 20.0) -> None
             pass
         await asyncio.sleep(0.1)
     raise TimeoutError(f"the janitor did not log {n} firings")
+
+
+async def test_tls_sentinel_url_verifies_and_fails_over() -> None:
+    """``rediss+sentinel://``: TLS to the sentinels and the master, verified against the CA
+    named in the URL (and refused without it), carried across a failover."""
+    group = SentinelSet.start(password="s3cret", tls=True)
+    redis = connect(group.url)
+    unverified = connect(group.url.partition("?")[0], socket_timeout=2.0)
+    try:
+        await redis.set("before", "1")
+        with pytest.raises(RedisError, match="CERTIFICATE_VERIFY_FAILED"):
+            await unverified.ping()  # a self-signed CA the system does not trust
+        old = group.kill_master()
+        await redis.set("after", "2")  # retried until the sentinels name the new master
+        assert await redis.mget("before", "after") == ["1", "2"]
+        assert group.master_port() != old
+    finally:
+        await unverified.aclose()
+        await redis.aclose()
+        group.stop()
