@@ -148,12 +148,15 @@ def up(
     model: Annotated[str | None, typer.Option(help="Model name")] = None,
     port: Annotated[int, typer.Option(help="Gateway port")] = 8000,
     workers: Annotated[int, typer.Option(help="Local workers to start")] = 1,
+    gateway_processes: Annotated[
+        int, typer.Option(min=1, help="Gateway processes on the port (gateway --processes)")
+    ] = 1,
 ) -> None:
     """Everything for local use: Redis (if none answers), a gateway and workers."""
     from slipstream.local import run_local
 
     name = model or ("gemma-3-270m" if engine == "llama" else "sim-model")
-    raise typer.Exit(run_local(_engine(engine), name, port, workers))
+    raise typer.Exit(run_local(_engine(engine), name, port, workers, gateway_processes))
 
 
 @app.command()

@@ -70,7 +70,7 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def run_local(engine: str, model: str, port: int, workers: int) -> int:
+def run_local(engine: str, model: str, port: int, workers: int, gateway_processes: int = 1) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops everything like Ctrl-C
     settings = CommonSettings()
     env = {
@@ -89,6 +89,7 @@ def run_local(engine: str, model: str, port: int, workers: int) -> int:
             raise SystemExit(f"redis-server did not start at {settings.redis_url}")
     cli = [sys.executable, "-m", "slipstream"]
     gw = [*cli, "gateway", "--port", str(port), "--model", model]
+    gw += ["--processes", str(gateway_processes)]
     # own sessions: a terminal's Ctrl-C reaches only us, and we stop the children in order
     children.append(subprocess.Popen(gw, env=env, start_new_session=True))
     for _ in range(workers):
