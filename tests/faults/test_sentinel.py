@@ -19,8 +19,9 @@ import pytest
 from redis.exceptions import RedisError
 
 from bench.sentinel_failover import MAX_TOKENS, failover
-from shared.jobs import JobStore
+from shared.jobs import Emit, JobStore
 from shared.keys import Keys
+from shared.models import DoneEvent, EventBatch, JobState, TokenEvent, Usage
 from shared.redis import connect
 from shared.settings import SENTINEL_PORT, CommonSettings, parse_sentinel_url
 from tests.faults.cluster import check_stream, record_result
@@ -93,6 +94,37 @@ async def test_min_replicas_waits_for_a_replica(sentinels: SentinelSet) -> None:
         await store.enqueue(make_job(prompt="not replicated"))
         assert time.monotonic() - began >= 0.29  # WAIT ran on the connection that wrote
         assert store.unreplicated == 1
+    finally:
+        replica.send_signal(signal.SIGCONT)
+        await redis.aclose()
+
+
+async def test_min_replicas_waits_after_a_jobs_end_only(sentinels: SentinelSet) -> None:
+    """The worker's writes wait for the replica only when they end a job: with the replica
+    stopped, a token batch returns at once and the final batch waits the timeout."""
+    redis = connect(sentinels.url)
+    store = JobStore(redis, Keys(), ttl_s=60, min_replicas=1, replica_wait_ms=300)
+    replica = sentinels.replicas[0].proc
+    try:
+        await store.enqueue(make_job(prompt="ends"))
+        pull = {"free_tokens": 10**6, "idle": True, "lease_ms": 60_000, "aging_ms": {}}
+        taken = await store.pull("sim-model", "w", max_deliveries=3, **pull)  # type: ignore[arg-type]
+        assert taken.claimed is not None
+        replica.send_signal(signal.SIGSTOP)
+        began = time.monotonic()
+        token = EventBatch(events=[TokenEvent(s=1, x=" a")])
+        assert await store.emit_many([Emit(taken.claimed, token, 1)]) == [True]
+        assert time.monotonic() - began < 0.25 and store.unreplicated == 0
+        end = EventBatch(
+            events=[
+                DoneEvent(
+                    s=2, finish_reason="stop", usage=Usage(prompt_tokens=1, completion_tokens=1)
+                )
+            ]
+        )
+        began = time.monotonic()
+        assert await store.emit_many([Emit(taken.claimed, end, 0, JobState.COMPLETED)]) == [True]
+        assert time.monotonic() - began >= 0.29 and store.unreplicated == 1
     finally:
         replica.send_signal(signal.SIGCONT)
         await redis.aclose()
