@@ -99,6 +99,22 @@ async def test_min_replicas_waits_for_a_replica(sentinels: SentinelSet) -> None:
         await redis.aclose()
 
 
+async def test_enqueue_on_a_master_without_the_scripts(sentinels: SentinelSet) -> None:
+    """A promoted replica may not know the scripts: the enqueue loads ENQUEUE and sends its
+    pipeline again (WAIT included), and the job is queued once."""
+    redis = connect(sentinels.url)
+    store = JobStore(redis, Keys(), ttl_s=60, min_replicas=1)
+    try:
+        await redis.script_flush()
+        job = make_job(prompt="no scripts")
+        entry = await store.enqueue(job)
+        assert entry and await store.job_state(job.model, job.id) == "queued"
+        assert await redis.xlen(Keys().queue(job.model, job.priority)) == 1
+        assert store.unreplicated == 0
+    finally:
+        await redis.aclose()
+
+
 async def test_min_replicas_waits_after_a_jobs_end_only(sentinels: SentinelSet) -> None:
     """The worker's writes wait for the replica only when they end a job: with the replica
     stopped, a token batch returns at once and the final batch waits the timeout."""
