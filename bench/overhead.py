@@ -45,11 +45,11 @@ def pinned(pin: bool) -> Iterator[frozenset[int] | None]:
 BASELINE = "slipstream-before"
 
 
-def _baseline_arm(tree: str, workdir: Path) -> Any:
+def _baseline_arm(tree: str, workdir: Path, cpus: frozenset[int] | None) -> Any:
     """``BENCH_BASELINE_TREE=<a checkout>``: one more Slipstream arm whose gateway runs that
     tree's code (``PYTHONPATH``), beside this tree's, in the same run and interleaved with it:
     a before/after of the gateway, same machine, same minutes. Workers run this tree."""
-    arm = make_arm("slipstream", [INSTANT], workdir / "overhead-before")
+    arm = make_arm("slipstream", [INSTANT], workdir / "overhead-before", cpus=cpus)
     assert isinstance(arm, SlipstreamArm)
     arm.gateway_env = {"PYTHONPATH": tree}
     arm.name = BASELINE
@@ -85,7 +85,8 @@ async def ttft_overhead(plan: Any, workdir: Path) -> dict[str, Any]:
                 arm = make_arm(name, [INSTANT], workdir / "overhead", cpus=cpus)
                 arms[name] = await stack.enter_async_context(arm)
             if baseline := os.environ.get("BENCH_BASELINE_TREE"):
-                arms[BASELINE] = await stack.enter_async_context(_baseline_arm(baseline, workdir))
+                arm = _baseline_arm(baseline, workdir, cpus)
+                arms[BASELINE] = await stack.enter_async_context(arm)
                 reps[BASELINE] = []
                 out["baseline_tree"] = baseline
             for arm in arms.values():
@@ -93,7 +94,7 @@ async def ttft_overhead(plan: Any, workdir: Path) -> dict[str, Any]:
             for rep in range(plan.reps):
                 for name, arm in arms.items():
                     reps[name].append(await _one_rep(arm.target(), plan, rep))
-    for name in names:
+    for name in reps:  # the baseline arm (if any) too
         out["arms"][name] = combine(reps[name]) | {"per_rep": reps[name]}
     direct = out["arms"].get("direct")
     for name, row in out["arms"].items():

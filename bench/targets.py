@@ -29,6 +29,9 @@ def overhead_rows(results: dict[str, Any]) -> list[Row]:
         measured = "-" if value is None else f"{value:.2f} ms"
         if other is not None:
             measured += f" (nginx: {other:.2f} ms)"
+        before = arms.get("slipstream-before", {}).get(f"added_{q}_ms")
+        if before is not None:  # BENCH_BASELINE_TREE: the gateway before, in the same run
+            measured += f"; gateway before: {before:.2f} ms"
         ok = None if value is None else value <= target
         rows.append((f"Added TTFT {q} over direct", f"≤ {target} ms", measured, _verdict(ok)))
     relay = _get(results, "overhead", "relay", "slipstream")
