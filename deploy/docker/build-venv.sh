@@ -49,6 +49,7 @@ system)
   if wants_llama; then
     apt-get update
     apt-get install -y --no-install-recommends build-essential cmake
+    apt-get clean
     rm -rf /var/lib/apt/lists/*
   fi
   ;;
