@@ -4,8 +4,10 @@ The estimate for a new job of priority P, model M (docs/admission.md has the wor
 
 - ``ahead``: tokens (prompt estimate + max_tokens) already queued for M at P and above, from
   the backlog hash the Lua transitions keep (one ``HGETALL`` per request);
-- ``rate``: the drain rate of M's live workers, each worker's measured tokens/s (registry,
-  refreshed every ``admission_refresh_s`` in the background) held at its recent best, decaying
+- ``rate``: the drain rate of M's live workers, each worker's measured backlog drained per
+  second in the unit of ``ahead`` (registry ``drain_tokens_per_s``, see
+  ``worker.job_runner.Throughput``; refreshed every ``admission_refresh_s`` in the
+  background) held at its recent best, decaying
   with half-life ``throughput_memory_s``: a worker that is not saturated measures less than it
   can do, and the best it did recently is a better guess of what it will do under a burst;
   less the tokens/s this gateway admitted above P over the last 5 s (they will jump ahead);
@@ -120,7 +122,8 @@ class Admission:
         best = {}
         for w in workers:
             old, at = self.best.get(w.id, (0.0, now))
-            best[w.id] = (max(w.tokens_per_s, old * 0.5 ** ((now - at) / half_life)), now)
+            rate = w.drain_tokens_per_s or w.tokens_per_s  # the backlog's unit (older: tokens)
+            best[w.id] = (max(rate, old * 0.5 ** ((now - at) / half_life)), now)
         self.best = best
         return {wid: rate for wid, (rate, _) in best.items()}
 
@@ -312,7 +315,11 @@ def summarize(workers: list[WorkerInfo], rates: dict[str, float]) -> dict[str, F
         out[model] = Fleet(
             workers=len(mine),
             rate=sum(
-                max(rates.get(w.id, w.tokens_per_s), w.seq_tokens_per_s * w.max_seqs) for w in mine
+                max(
+                    rates.get(w.id, w.drain_tokens_per_s or w.tokens_per_s),
+                    w.seq_tokens_per_s * w.max_seqs,
+                )
+                for w in mine
             ),
             seq_speed=speed,
             seqs=seqs,

@@ -177,6 +177,9 @@ class WorkerInfo(BaseModel):
     tokens_in_use: int = 0
     seqs_in_use: int = 0
     tokens_per_s: float = 0.0
+    # the backlog's unit (prompt estimate + max_tokens per job) drained per second: admission
+    # divides queued cost by it (0: an older worker, admission falls back to tokens_per_s)
+    drain_tokens_per_s: float = 0.0
     seq_tokens_per_s: float = 0.0  # one sequence's recent speed, TTFT included (0: unknown)
     context_tokens: int = 0  # the model's context length (0: unknown); admission checks prompts
     capabilities: list[str] = Field(default_factory=list)  # shared.capabilities.Feature names

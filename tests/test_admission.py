@@ -191,6 +191,34 @@ async def test_workers_publish_speed_and_context(redis: Redis, redis_url: str) -
     assert info.tokens_per_s > 0
 
 
+async def test_workers_publish_the_backlog_drained_in_its_unit(
+    redis: Redis, redis_url: str
+) -> None:
+    """Long prompts, short answers. The backlog counts a job as prompt estimate + max_tokens,
+    so the rate admission divides it by must count the same: generated tokens/s alone made a
+    queue of long prompts look tens of times slower than it is (429 deadline_unattainable for
+    work that would finish in time; seen with the warm-state conversations)."""
+    settings = worker_settings(redis_url, sim_tokens_per_s=200.0)
+    long = [{"role": "user", "content": "Tell me about the northern coast. " * 100}]
+    async with running_gateway(gateway_settings(redis_url)) as base, running_worker(settings) as w:
+        async with httpx.AsyncClient(base_url=base, timeout=10) as c:
+            for _ in range(3):
+                body = chat(max_tokens=8, messages=long)
+                assert (await c.post("/v1/chat/completions", json=body)).status_code == 200
+        await w.heartbeat_once()
+        info = WorkerInfo.model_validate_json(await redis.hget(Keys().workers, w.id))  # type: ignore[misc]
+    assert info.tokens_per_s > 0
+    assert info.drain_tokens_per_s > 20 * info.tokens_per_s  # ~700-token prompts, 8 tokens each
+
+
+def test_fleet_rate_is_the_drain_rate_when_reported() -> None:
+    base: dict[str, Any] = {"host": "h", "pid": 1, "model": "m", "engine": "sim"}
+    base |= {"capacity_tokens": 100, "started_at_ms": 0, "heartbeat_at_ms": 0, "max_seqs": 1}
+    new = WorkerInfo(id="a", tokens_per_s=50, drain_tokens_per_s=900, **base)
+    old = WorkerInfo(id="b", tokens_per_s=50, **base)  # an older worker: no drain rate
+    assert summarize([new, old], {})["m"].rate == 950.0
+
+
 def test_old_worker_entries_still_parse() -> None:
     old = (
         '{"v":1,"id":"w","host":"h","pid":1,"model":"m","engine":"sim","capacity_tokens":8,'

@@ -20,26 +20,55 @@ log = structlog.get_logger("slipstream.worker")
 
 
 @dataclass(slots=True)
-class Throughput:
-    """Tokens generated over a sliding window, for the registry's ``tokens_per_s``, and the
-    speed of one sequence (``seq_tokens_per_s``: a moving average over finished sequences)."""
+class Window:
+    """Counts over a sliding window of ``window_s`` (a young worker: over its age)."""
 
     window_s: float = 10.0
     stamps: list[tuple[float, int]] = field(default_factory=list)
-    total: int = 0
     born: float = field(default_factory=time.monotonic)
-    seq_rate: float = 0.0
 
-    def add(self, tokens: int) -> None:
-        self.total += tokens
-        self.stamps.append((time.monotonic(), tokens))
+    def add(self, n: int) -> None:
+        self.stamps.append((time.monotonic(), n))
 
     def rate(self) -> float:
         now = time.monotonic()
         cutoff = now - self.window_s
         self.stamps = [s for s in self.stamps if s[0] >= cutoff]
-        window = min(self.window_s, max(1.0, now - self.born))  # a young worker: its age
-        return sum(n for _, n in self.stamps) / window
+        return sum(n for _, n in self.stamps) / min(self.window_s, max(1.0, now - self.born))
+
+
+@dataclass(slots=True)
+class Throughput:
+    """Tokens generated per second (the registry's ``tokens_per_s``), the backlog drained per
+    second (``drain_tokens_per_s``), and the speed of one sequence (``seq_tokens_per_s``: a
+    moving average over finished sequences).
+
+    The backlog counts a job as its prompt estimate + ``max_tokens`` (``Job.cost_tokens``),
+    and admission divides the queued backlog by a rate: that rate must be in the same unit.
+    Generated tokens are not: a long prompt is read far faster than tokens are generated
+    (and a warm one almost for free), and an answer that stops early never spends the rest of
+    its budget. So a generated token drains one unit as it comes, and a job's end drains the
+    rest of its cost at once."""
+
+    generated: Window = field(default_factory=Window)
+    drained: Window = field(default_factory=Window)
+    total: int = 0
+    seq_rate: float = 0.0
+
+    def add(self, tokens: int) -> None:
+        self.total += tokens
+        self.generated.add(tokens)
+        self.drained.add(tokens)
+
+    def ended(self, cost: int, generated: int) -> None:
+        """A job ended: the part of its cost its generated tokens did not drain."""
+        self.drained.add(max(0, cost - generated))
+
+    def rate(self) -> float:
+        return self.generated.rate()
+
+    def drain_rate(self) -> float:
+        return self.drained.rate()
 
     def sequence(self, tokens: int, seconds: float) -> None:
         """One sequence generated ``tokens`` in ``seconds`` (from its start, TTFT included)."""
@@ -122,6 +151,7 @@ async def run_job(
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
         throughput.sequence(tokens, time.monotonic() - began)
+        throughput.ended(job.cost_tokens, claimed.tokens_done + tokens)
         if finish == "length" and claimed.tokens_done + tokens < job.params.max_tokens:
             finish = "stop"  # the engine ended the sequence itself
         finish = extras.finish or finish

@@ -241,6 +241,7 @@ class Worker:
             "tokens_in_use": self.capacity.tokens_in_use,
             "seqs_in_use": self.capacity.seqs_in_use,
             "tokens_per_s": round(self.throughput.rate(), 3),
+            "drain_tokens_per_s": round(self.throughput.drain_rate(), 3),
             "seq_tokens_per_s": round(self.throughput.seq_rate, 3),
             "healthy": self.engine.healthy(),
             "draining": self.stopping.is_set(),
