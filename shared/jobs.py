@@ -13,7 +13,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-from shared import lua, lua_pull
+from shared import lua_pull, scripts
 from shared.affinity import AffinityPolicy
 from shared.keys import CONSUMER_GROUP, Keys
 from shared.models import EventBatch, Job, JobState, Priority
@@ -84,13 +84,7 @@ class JobStore:
         self.ttl_ms = ttl_s * 1000
         self.fair_share_tokens = fair_share_tokens
         self.affinity = affinity
-        self._enqueue = redis.register_script(lua.ENQUEUE)
         self._pull = redis.register_script(lua_pull.PULL)
-        self._emit = redis.register_script(lua.EMIT)
-        self._cancel = redis.register_script(lua.CANCEL)
-        self._renew = redis.register_script(lua.RENEW)
-        self._handback = redis.register_script(lua.HANDBACK)
-        self._sweep = redis.register_script(lua.SWEEP)
         self._release = redis.register_script(lua_pull.RELEASE)
         self.unreplicated = 0  # writes whose WAIT heard from fewer than min_replicas
 
@@ -108,26 +102,30 @@ class JobStore:
         its hash (a ``Script`` in a pipeline would add a ``SCRIPT EXISTS`` round trip); when
         Redis does not know it yet, the ``Script`` call loads it and runs it.
         """
-        k = self.keys
-        keys = [k.job(job.model, job.id), k.queue(job.model, job.priority), k.backlog(job.model)]
+        k, model, prio = self.keys, job.model, job.priority
         ttl_ms = self.job_ttl_ms(job)
-        args: list[str | int] = [
-            job.id,
-            job.model_dump_json(),
-            job.cost_tokens,
-            ttl_ms,
-            CONSUMER_GROUP,
-            job.priority.value,
-            k.tenant_part(job.tenant),
-            self.fair_share_tokens,
-            k.model_prefix(job.model),
-            self.affinity.enqueue_arg(job) if self.affinity else "{}",
-            job.need_bits,  # features a worker must implement to take it (0: none)
-        ]
+        named: dict[str, Any] = dict(
+            job=k.job(model, job.id),
+            queue=k.queue(model, prio),
+            backlog=k.backlog(model),
+            fair=k.fair(model),
+            share=k.share(model, prio),
+            deferred=k.deferred(model, prio, job.tenant),
+            job_id=job.id,
+            payload=job.model_dump_json(),
+            cost=job.cost_tokens,
+            ttl=ttl_ms,
+            group=CONSUMER_GROUP,
+            prio=prio.value,
+            tenant=k.tenant_part(job.tenant),
+            quantum=self.fair_share_tokens,
+            affinity=self.affinity.enqueue_arg(job) if self.affinity else "{}",
+            need=job.need_bits,  # features a worker must implement to take it (0: none)
+        )
         for attempt in range(2):
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.set(k.job_index(job.id), job.model, px=ttl_ms)
-                pipe.evalsha(self._enqueue.sha, len(keys), *keys, *map(str, args))
+                scripts.ENQUEUE.queue(pipe, **named)
                 self._wait_replicas(pipe)  # on the connection that wrote: WAIT is per client
                 replies = await pipe.execute(raise_on_error=False)
             if isinstance(replies[0], Exception):
@@ -135,7 +133,7 @@ class JobStore:
             entry = replies[1]
             if not (isinstance(entry, NoScriptError) and attempt == 0):
                 break
-            await self.redis.script_load(lua.ENQUEUE)  # a restarted or new master
+            await scripts.ENQUEUE.load(self.redis)  # a restarted or new master
         if isinstance(entry, Exception):
             raise entry
         self._check_replicas(replies[2:], "enqueue", job.id)
@@ -165,19 +163,24 @@ class JobStore:
     ) -> str:
         """Move a queued or running job to a terminal state; returns the state it ends in."""
         k = self.keys
-        result = await self._cancel(
-            keys=[k.job(model, job_id)],
-            args=[
-                k.model_prefix(model),
-                job_id,
-                state.value,
-                code,
-                message,
-                status,
-                self.ttl_ms,
-                CONSUMER_GROUP,
-                k.control_channel(model),
-            ],
+        result = await scripts.CANCEL.call(
+            self.redis,
+            job=k.job(model, job_id),
+            job_log=k.job_log(model, job_id),
+            leases=k.leases(model),
+            backlog=k.backlog(model),
+            fair=k.fair(model),
+            reserved=k.reserved(model),
+            prefix=k.model_prefix(model),
+            job_id=job_id,
+            state=state.value,
+            code=code,
+            message=message,
+            status=status,
+            ttl=self.ttl_ms,
+            group=CONSUMER_GROUP,
+            control=k.control_channel(model),
+            channel=k.job_channel(model, job_id),
         )
         return str(result)
 
@@ -286,8 +289,8 @@ class JobStore:
         True also when Redis had applied this very write already (a replay after a lost
         reply: nothing is appended twice), False when the batch does not start at the job's
         next sequence number."""
-        keys, args = self._emit_call(Emit(claimed, batch, new_tokens, terminal))
-        return _written(await self._emit(keys=keys, args=args))
+        named = self._emit_call(Emit(claimed, batch, new_tokens, terminal))
+        return _written(await scripts.EMIT.call(self.redis, **named))
 
     async def emit_many(self, emits: Sequence[Emit]) -> list[bool | Exception]:
         """Several jobs' batches in one round trip (a pipeline of ``EMIT`` calls by hash);
@@ -300,8 +303,7 @@ class JobStore:
         for attempt in range(2):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for i in todo:
-                    keys, args = calls[i]
-                    pipe.evalsha(self._emit.sha, len(keys), *keys, *map(str, args))
+                    scripts.EMIT.queue(pipe, **calls[i])
                 if ends:  # a job's end waits for replicas (its tokens ride along)
                     self._wait_replicas(pipe)
                 replies = await pipe.execute(raise_on_error=False)
@@ -316,31 +318,31 @@ class JobStore:
                     results[i] = reply if isinstance(reply, Exception) else _written(reply)
             if not missing:
                 break
-            await self.redis.script_load(lua.EMIT)
+            await scripts.EMIT.load(self.redis)
             todo = missing
         return results
 
-    def _emit_call(self, emit: Emit) -> tuple[list[str], list[str | int]]:
+    def _emit_call(self, emit: Emit) -> dict[str, Any]:
         job, k, events = emit.claimed.job, self.keys, emit.batch.events
         # the job's seq before this batch: its first numbered event is the next one (a
         # ``started`` event repeats the seq before it)
         numbered = [e.s for e in events if e.t != "started"]
         before = numbered[0] - 1 if numbered else events[-1].s
-        keys = [k.job(job.model, job.id), k.job_log(job.model, job.id)]
-        args: list[str | int] = [
-            emit.claimed.fence,
-            k.job_channel(job.model, job.id),
-            _fenced(emit.batch, emit.claimed.fence).model_dump_json(exclude_none=True),
-            emit.batch.events[-1].s,
-            emit.new_tokens,
-            self.ttl_ms,
-            emit.terminal.value if emit.terminal else "",
-            CONSUMER_GROUP,
-            k.model_prefix(job.model),
-            job.id,
-            before,
-        ]
-        return keys, args
+        return dict(
+            job=k.job(job.model, job.id),
+            job_log=k.job_log(job.model, job.id),
+            leases=k.leases(job.model),
+            fence=emit.claimed.fence,
+            channel=k.job_channel(job.model, job.id),
+            batch=_fenced(emit.batch, emit.claimed.fence).model_dump_json(exclude_none=True),
+            last_seq=emit.batch.events[-1].s,
+            new_tokens=emit.new_tokens,
+            ttl=self.ttl_ms,
+            terminal=emit.terminal.value if emit.terminal else "",
+            group=CONSUMER_GROUP,
+            job_id=job.id,
+            seq_before=before,
+        )
 
     async def renew(self, model: str, leases: dict[str, int], lease_ms: int) -> dict[str, bool]:
         """Extend the leases of ``{job id: fence}``; maps each job to whether it is still ours."""
@@ -348,25 +350,37 @@ class JobStore:
             return {}
         ids = list(leases)
         pairs: list[Any] = [x for i in ids for x in (i, leases[i])]
-        reply = await self._renew(
-            keys=[self.keys.leases(model), *[self.keys.job(model, i) for i in ids]],
-            args=[lease_ms, *pairs],
+        reply = await scripts.RENEW.call(
+            self.redis,
+            leases=self.keys.leases(model),
+            jobs=[self.keys.job(model, i) for i in ids],
+            lease_ms=lease_ms,
+            id_fences=pairs,
         )
         return {i: bool(r) for i, r in zip(ids, reply, strict=True)}
 
     async def sweep_expired_leases(self, model: str) -> list[str]:
         """Tidy expired leases no worker took over (janitor): stale ones, past deadlines."""
-        reply = await self._sweep(
-            keys=[], args=[self.keys.model_prefix(model), 0, CONSUMER_GROUP, self.ttl_ms]
+        k = self.keys
+        reply = await scripts.SWEEP.call(
+            self.redis,
+            leases=k.leases(model),
+            prefix=k.model_prefix(model),
+            group=CONSUMER_GROUP,
+            ttl=self.ttl_ms,
         )
         return [str(x) for x in reply]
 
     async def handback(self, claimed: Claimed) -> bool:
         """Give a job back for immediate takeover by another worker (graceful drain)."""
         job, k = claimed.job, self.keys
-        ok = await self._handback(
-            keys=[k.job(job.model, job.id), k.leases(job.model), k.wake(job.model)],
-            args=[claimed.fence, job.id],
+        ok = await scripts.HANDBACK.call(
+            self.redis,
+            job=k.job(job.model, job.id),
+            leases=k.leases(job.model),
+            wake=k.wake(job.model),
+            fence=claimed.fence,
+            job_id=job.id,
         )
         return bool(ok)
 

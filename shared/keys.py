@@ -15,6 +15,39 @@ from shared.models import Priority
 
 CONSUMER_GROUP = "workers"
 
+# Per-model key names, after the model prefix ``<prefix>:{model}:``. A Lua script gets the
+# keys it knows before the call through KEYS (``Keys`` below names them); the keys it finds
+# only at run time (a job id read from a queue, a worker id from ``members``, a priority from
+# a job's hash) it builds from these same names, handed to it as the table ``K``
+# (``LUA_NAMES``; shared/scripts.py writes it), so this module stays the one place that names
+# keys. Every name stays inside the model's ``{model}`` hash tag (one Cluster slot).
+QUEUE = "queue:"  # + priority
+SHARE = "share:"  # + priority
+DEFERRED = "deferred:"  # + priority + PART + tenant part
+PART = ":"  # between two parts of a name
+JOB = "job:"  # + job id
+JOB_LOG = ":log"  # a job's key +
+JOB_EVENTS = ":events"  # a job's key + (a pub/sub channel)
+WORKER = "worker:"  # + worker id
+WARM = "warm:"  # + worker id
+INBOX = "inbox:"  # + worker id
+SESSION = "session:"  # + session hash
+
+# the Lua name of each (``K.job`` is ``JOB``)
+LUA_NAMES: tuple[tuple[str, str], ...] = (
+    ("queue", QUEUE),
+    ("share", SHARE),
+    ("deferred", DEFERRED),
+    ("part", PART),
+    ("job", JOB),
+    ("job_log", JOB_LOG),
+    ("job_events", JOB_EVENTS),
+    ("worker", WORKER),
+    ("warm", WARM),
+    ("inbox", INBOX),
+    ("session", SESSION),
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Keys:
@@ -24,12 +57,13 @@ class Keys:
 
     # --- per model -----------------------------------------------------------------------
     def model_prefix(self, model: str) -> str:
-        """``slip:{model}:``: every per-model key starts with it (Lua scripts derive keys)."""
+        """``slip:{model}:``: every per-model key starts with it (the Lua scripts build the keys
+        they find at run time from it and ``LUA_NAMES``)."""
         return f"{self.prefix}:{{{model}}}:"
 
     def queue(self, model: str, priority: Priority) -> str:
         """Stream of job ids waiting for a worker (one per model and priority)."""
-        return f"{self.prefix}:{{{model}}}:queue:{priority.value}"
+        return f"{self.prefix}:{{{model}}}:{QUEUE}{priority.value}"
 
     @staticmethod
     def tenant_part(tenant: str) -> str:
@@ -40,7 +74,16 @@ class Keys:
 
     def deferred(self, model: str, priority: Priority, tenant: str) -> str:
         """Stream: a tenant's jobs beyond its fair share of the shared queue, in order."""
-        return f"{self.prefix}:{{{model}}}:deferred:{priority.value}:{self.tenant_part(tenant)}"
+        part = self.tenant_part(tenant)
+        return f"{self.prefix}:{{{model}}}:{DEFERRED}{priority.value}{PART}{part}"
+
+    def share(self, model: str, priority: Priority) -> str:
+        """Hash: tenant part -> tokens its jobs hold in the shared queue of a priority."""
+        return f"{self.prefix}:{{{model}}}:{SHARE}{priority.value}"
+
+    def fair(self, model: str) -> str:
+        """Hash: the model's fairness settings (``quantum``: a tenant's share of a queue)."""
+        return f"{self.prefix}:{{{model}}}:fair"
 
     def leases(self, model: str) -> str:
         """Sorted set: running job id scored by its lease end (ms); expired = take over."""
@@ -64,15 +107,15 @@ class Keys:
 
     def job(self, model: str, job_id: str) -> str:
         """Hash: state, payload, lease owner and fence, sequence, usage."""
-        return f"{self.prefix}:{{{model}}}:job:{job_id}"
+        return f"{self.prefix}:{{{model}}}:{JOB}{job_id}"
 
     def job_log(self, model: str, job_id: str) -> str:
         """Stream: the job's event log, the source of truth for its output."""
-        return f"{self.prefix}:{{{model}}}:job:{job_id}:log"
+        return f"{self.prefix}:{{{model}}}:{JOB}{job_id}{JOB_LOG}"
 
     def job_channel(self, model: str, job_id: str) -> str:
         """Pub/sub channel: the fast path for the job's events."""
-        return f"{self.prefix}:{{{model}}}:job:{job_id}:events"
+        return f"{self.prefix}:{{{model}}}:{JOB}{job_id}{JOB_EVENTS}"
 
     def control_channel(self, model: str) -> str:
         """Pub/sub channel workers of a model listen on (cancellations)."""
@@ -82,11 +125,11 @@ class Keys:
     def worker_state(self, model: str, worker: str) -> str:
         """Hash: a live worker's ``free`` tokens and ``seqs`` (free sequence slots) as of its
         last pull or heartbeat, and ``rtok``/``rjobs`` reserved for it; expires with it."""
-        return f"{self.prefix}:{{{model}}}:worker:{worker}"
+        return f"{self.prefix}:{{{model}}}:{WORKER}{worker}"
 
     def warm(self, model: str, worker: str) -> str:
         """Set: the prefix block hashes (``shared.prefix``) a worker's engine holds warm."""
-        return f"{self.prefix}:{{{model}}}:warm:{worker}"
+        return f"{self.prefix}:{{{model}}}:{WARM}{worker}"
 
     def members(self, model: str) -> str:
         """Set: ids of the model's workers that may hold warm state (pruned when dead)."""
@@ -94,7 +137,7 @@ class Keys:
 
     def inbox(self, model: str, worker: str) -> str:
         """Sorted set: queued jobs reserved for a warm worker, scored by the end of the wait."""
-        return f"{self.prefix}:{{{model}}}:inbox:{worker}"
+        return f"{self.prefix}:{{{model}}}:{INBOX}{worker}"
 
     def reserved(self, model: str) -> str:
         """Sorted set: every reserved job, scored by the end of its wait (then anyone steals)."""
@@ -102,7 +145,7 @@ class Keys:
 
     def session(self, model: str, session: str) -> str:
         """String: the worker that served a session's last turn (``session`` is hashed)."""
-        return f"{self.prefix}:{{{model}}}:session:{session}"
+        return f"{self.prefix}:{{{model}}}:{SESSION}{session}"
 
     def throughput(self, model: str) -> str:
         """Hash: worker id -> recent tokens/s for the model (admission reads it)."""
