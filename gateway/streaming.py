@@ -113,15 +113,20 @@ async def relay(
     cut: StreamCut,
 ) -> AsyncIterator[bytes]:
     state.open_streams.add(dispatch.job.id)
-    ping_s = state.settings.sse_ping_s
-    quiet_since = time.monotonic()
+    ping_s, every = state.settings.sse_ping_s, state.settings.progress_s
+    quiet_since = note_at = time.monotonic()
     try:
         for frame in frames_of(first, writer, dispatch, cut):
             yield frame
         while not dispatch.finished:
-            if not dispatch.started and (note := await state.admission.progress(dispatch.job)):
-                yield note  # still queued: ": queued position=N eta_ms=M" (an SSE comment)
-                quiet_since = time.monotonic()
+            if not dispatch.started and time.monotonic() >= note_at:
+                # still queued: ": queued position=N eta_ms=M" (an SSE comment), at 1, 2, 4...
+                # progress periods up to the ping period: each costs Redis a scan of the queue,
+                # and thousands of queued streams asking every second starved the pool
+                if note := await state.admission.progress(dispatch.job):
+                    yield note
+                    quiet_since = time.monotonic()
+                note_at, every = time.monotonic() + every, min(every * 2, ping_s)
             events = await dispatch.next(timeout=min(state.settings.progress_s, ping_s))
             for frame in frames_of(events, writer, dispatch, cut):
                 yield frame
