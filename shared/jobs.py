@@ -13,7 +13,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-from shared import lua_pull, scripts
+from shared import scripts
 from shared.affinity import AffinityPolicy
 from shared.keys import CONSUMER_GROUP, Keys
 from shared.models import EventBatch, Job, JobState, Priority
@@ -84,8 +84,6 @@ class JobStore:
         self.ttl_ms = ttl_s * 1000
         self.fair_share_tokens = fair_share_tokens
         self.affinity = affinity
-        self._pull = redis.register_script(lua_pull.PULL)
-        self._release = redis.register_script(lua_pull.RELEASE)
         self.unreplicated = 0  # writes whose WAIT heard from fewer than min_replicas
 
     # --- gateway side -------------------------------------------------------------------
@@ -238,22 +236,33 @@ class JobStore:
         worker's engine implements (``shared.capabilities``): a job needing more is left to a
         worker that has them."""
         k = self.keys
-        options = {
-            "group": CONSUMER_GROUP,
-            "consumer": consumer,
-            "free": free_tokens,
-            "seqs": free_seqs,
-            "idle": idle,
-            "prefix": k.model_prefix(model),
-            "lease": lease_ms,
-            "ttl": self.ttl_ms,
-            "max_deliveries": max_deliveries,
-            "aging": [aging_ms.get(p, 0) for p in Priority.ordered()],
-            "worker_ttl": worker_ttl_ms,
-            "pull": pull_id or uuid.uuid4().hex,
-            "caps": caps,
-        }
-        reply = await self._pull(keys=[*k.queues(model), k.wake(model)], args=[json.dumps(options)])
+        reply = await scripts.PULL.call(
+            self.redis,
+            wake=k.wake(model),
+            leases=k.leases(model),
+            reserved=k.reserved(model),
+            members=k.members(model),
+            dead=k.dead_letter(model),
+            backlog=k.backlog(model),
+            fair=k.fair(model),
+            me=k.worker_state(model, consumer),
+            inbox=k.inbox(model, consumer),
+            my_warm=k.warm(model, consumer),
+            queues=k.queues(model),
+            group=CONSUMER_GROUP,
+            consumer=consumer,
+            free=free_tokens,
+            seqs=free_seqs,
+            idle=1 if idle else 0,
+            prefix=k.model_prefix(model),
+            lease=lease_ms,
+            ttl=self.ttl_ms,
+            max_deliveries=max_deliveries,
+            aging=json.dumps([aging_ms.get(p, 0) for p in Priority.ordered()]),
+            worker_ttl=worker_ttl_ms,
+            pull_id=pull_id or uuid.uuid4().hex,
+            caps=caps,
+        )
         kind = reply[0]
         if kind == "empty":
             last = tuple(str(x) for x in reply[2:])
@@ -274,7 +283,18 @@ class JobStore:
 
     async def release(self, model: str, worker: str) -> int:
         """A worker leaves: its reservations end now, and it stops being a routing target."""
-        return int(await self._release(keys=[], args=[self.keys.model_prefix(model), worker]))
+        k = self.keys
+        released = await scripts.RELEASE.call(
+            self.redis,
+            inbox=k.inbox(model, worker),
+            reserved=k.reserved(model),
+            worker=k.worker_state(model, worker),
+            warm=k.warm(model, worker),
+            members=k.members(model),
+            wake=k.wake(model),
+            w=worker,
+        )
+        return int(released)
 
     async def emit(
         self,

@@ -172,5 +172,7 @@ CANCEL = load("cancel", helpers=True)
 RENEW = load("renew")
 HANDBACK = load("handback")
 SWEEP = load("sweep", helpers=True)
+PULL = load("pull", helpers=True)
+RELEASE = load("release")
 
-SCRIPTS: Sequence[Script] = (ENQUEUE, EMIT, CANCEL, RENEW, HANDBACK, SWEEP)
+SCRIPTS: Sequence[Script] = (ENQUEUE, EMIT, CANCEL, RENEW, HANDBACK, SWEEP, PULL, RELEASE)

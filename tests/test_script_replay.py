@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from shared import lua_pull, scripts
+from shared import scripts
 from shared.jobs import Claimed, Emit, JobStore
 from shared.keys import Keys
 from shared.models import (
@@ -73,8 +73,7 @@ class Run:
 
 
 def _sha(store: JobStore, script: str) -> str:
-    named = getattr(scripts, script.upper(), None)  # PULL: still registered by the store
-    sha: str = named.sha if named is not None else getattr(store, f"_{script}").sha
+    sha: str = getattr(scripts, script.upper()).sha
     return sha
 
 
@@ -129,8 +128,8 @@ async def run_twice(
     seen = []
     for lose in (False, True):
         await redis.flushall()
-        for script in (*(s.source for s in scripts.SCRIPTS), lua_pull.PULL):
-            await redis.script_load(script)  # a lost NOSCRIPT reply would prove nothing
+        for script in scripts.SCRIPTS:
+            await script.load(redis)  # a lost NOSCRIPT reply would prove nothing
         client = connect(proxy.url, socket_timeout=5.0)
         try:
             run = Run(JobStore(client, Keys(), ttl_s=600, **store_args), proxy, lose)

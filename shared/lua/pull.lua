@@ -1,47 +1,55 @@
-"""The Lua scripts that choose what a worker takes: ``PULL`` (priority with aging, capacity,
-takeover of expired leases, warm-state reservations) and ``RELEASE`` (a worker leaving).
+-- PULL: a worker takes one job that fits, or learns why not (priority with aging, capacity,
+-- takeover of expired leases, warm-state reservations, capabilities).
+-- Capabilities: a job whose ``need`` bits this worker lacks is never taken by it. A queue
+-- head it cannot serve is reserved for a live worker that can (the one with most free slots;
+-- its wait as an affinity reservation's), so the heads behind it stay reachable; when no live
+-- worker of the model can serve it, it fails at once (``unsupported_feature``, 400). An
+-- expired lease it cannot serve is left for a capable worker (or failed the same way), and
+-- the stealing of ended reservations is filtered the same way. Plain jobs (no ``need``) cost
+-- no extra call.
+-- A replay of a pull that claimed a job (the reply was lost, the client retried) returns that
+-- claim again instead of claiming a second job: the worker hash keeps the last pull id, job
+-- and fence (``pull_id``, ``pull_job``, ``pull_fence``).
+-- Order: an expired lease (takeover) first; then, by priority with aging (oldest first among
+-- equals), the jobs reserved for this worker, reservations whose wait ended (stolen), and the
+-- queue heads. A queue head that another live worker with room holds warm (or served the
+-- session's last turn) is reserved for it instead: delivered to that worker's consumer (so it
+-- stays pending, and visible, in the group) and put in its inbox for at most the job's wait.
+-- Returns {'empty', ms until the next lease or reservation ends or -1, last ids...} | {'full'}
+--       | {'skipped', job id, state}
+--       | {'job', job id, payload, fence, seq, ntok, outcome, affinity wait ms[, marks]}
+-- where outcome is warm|cold|stolen|takeover, the last ids are the queues' and then the wake
+-- stream's, and a job from a queue carries the 'empty' reply's marks when nothing else is
+-- waiting.
+local wake     = KEYS[1]  -- the model's wake stream (hand-backs, releases)
+local leases   = KEYS[2]  -- the model's leases (sorted set: job id by lease end, ms)
+local reserved = KEYS[3]  -- the model's reservations (sorted set: job id by end of its wait)
+local members  = KEYS[4]  -- the model's workers that may hold warm state (set)
+local dead     = KEYS[5]  -- the model's dead-letter stream (poison jobs)
+local backlog  = KEYS[6]  -- the model's backlog hash (a claimed job leaves it)
+local fair     = KEYS[7]  -- the model's fairness settings hash (a deferred job may move in)
+local me       = KEYS[8]  -- this worker's hash: free tokens and slots, reservations, last pull
+local inbox    = KEYS[9]  -- the jobs reserved for this worker (sorted set)
+local my_warm  = KEYS[10] -- the prefix blocks this worker holds warm (set)
+local queues   = {unpack(KEYS, 11)}  -- the model's queues, highest priority first
+local group    = ARGV[1]  -- the workers' consumer group
+local consumer = ARGV[2]  -- this worker's id (its consumer in the group)
+local free     = tonumber(ARGV[3])  -- tokens this worker has free
+local seqs     = ARGV[4]  -- sequence slots this worker has free
+local idle     = ARGV[5] == '1'  -- '1': it runs nothing (then it takes a job larger than ``free``)
+local prefix   = ARGV[6]  -- the model's key prefix ``slip:{model}:`` (keys found at run time)
+local lease    = tonumber(ARGV[7])  -- ms a claim's lease lasts
+local ttl      = tonumber(ARGV[8])  -- ms a failed job's log lives
+local max_deliveries = tonumber(ARGV[9])  -- deliveries after which a job is poison
+local aging    = cjson.decode(ARGV[10])  -- JSON list, per queue: ms after which its head ranks first (0: never)
+local worker_ttl = ARGV[11]  -- ms this worker's hash lives without a pull or heartbeat
+local pull_id  = ARGV[12] -- this call's id, the same when the client replays it ('': none)
+local caps     = tonumber(ARGV[13]) or 0  -- bit mask of the features this worker's engine implements
 
-They share ``_HELPERS`` with the other state transitions (``shared/lua.py``) and, like them,
-touch one model's keys only, derived from its ``slip:{model}:`` prefix (one Cluster slot).
-"""
-
-from shared.lua import _HELPERS
-
-# KEYS: the model's queues (highest priority first), then its wake stream.
-# ARGV[1]: JSON options: ``group``, ``consumer``, ``free`` tokens, ``seqs`` free sequence
-#   slots, ``idle`` (bool), ``prefix`` (the model's), ``lease`` ms, ``ttl`` ms,
-#   ``max_deliveries``, ``aging`` (ms per queue, 0 = never promoted), ``worker_ttl`` ms,
-#   ``pull`` (an id per pull call, the same when the client replays it; optional),
-#   ``caps`` (bit mask of the features the worker's engine implements; 0 or absent: none).
-# Capabilities: a job whose ``need`` bits this worker lacks is never taken by it. A queue
-# head it cannot serve is reserved for a live worker that can (the one with most free slots;
-# its wait as an affinity reservation's), so the heads behind it stay reachable; when no live
-# worker of the model can serve it, it fails at once (``unsupported_feature``, 400). An
-# expired lease it cannot serve is left for a capable worker (or failed the same way), and
-# the stealing of ended reservations is filtered the same way. Plain jobs (no ``need``) cost
-# no extra call.
-# A replay of a pull that claimed a job (the reply was lost, the client retried) returns that
-# claim again instead of claiming a second job: the worker hash keeps the last pull id, job
-# and fence (``pull_id``, ``pull_job``, ``pull_fence``).
-# Order: an expired lease (takeover) first; then, by priority with aging (oldest first among
-# equals), the jobs reserved for this worker, reservations whose wait ended (stolen), and the
-# queue heads. A queue head that another live worker with room holds warm (or served the
-# session's last turn) is reserved for it instead: delivered to that worker's consumer (so it
-# stays pending, and visible, in the group) and put in its inbox for at most the job's wait.
-# Returns {'empty', ms until the next lease or reservation ends or -1, last ids...} | {'full'}
-#       | {'skipped', job id, state}
-#       | {'job', job id, payload, fence, seq, ntok, outcome, affinity wait ms[, marks]}
-# where outcome is warm|cold|stolen|takeover and a job from a queue carries the 'empty'
-# reply's marks when nothing else is waiting.
-PULL = (
-    _HELPERS
-    + r"""
-local o = cjson.decode(ARGV[1])
-local group, consumer, mp = o['group'], o['consumer'], o['prefix']
-local free, idle, lease, ttl = tonumber(o['free']), o['idle'], tonumber(o['lease']), tonumber(o['ttl'])
-local now, nq = redis_now(), #KEYS - 1
-local me = mp .. 'worker:' .. consumer
-local caps = tonumber(o['caps'] or 0) or 0
+-- the least wait of a reservation made for a capable worker (ms)
+local CAP_WAIT = 250
+local m = {prefix = prefix, leases = leases, reserved = reserved, backlog = backlog, fair = fair}
+local now = redis_now()
 -- may this worker serve a job needing these bits (the job hash's ``need``, or nil)?
 local function can(need)
   local n = tonumber(need or '0') or 0
@@ -50,9 +58,9 @@ end
 -- the live worker (not this one) whose capabilities cover ``need``, most free slots first
 local function capable(need)
   local n, best, best_slots = tonumber(need), nil, nil
-  for _, w in ipairs(redis.call('SMEMBERS', mp .. 'members')) do
+  for _, w in ipairs(redis.call('SMEMBERS', members)) do
     if w ~= consumer then
-      local f = redis.call('HMGET', mp .. 'worker:' .. w, 'caps', 'seqs', 'rjobs')
+      local f = redis.call('HMGET', prefix .. K.worker .. w, 'caps', 'seqs', 'rjobs')
       local c = tonumber(f[1] or '0') or 0
       if f[2] and bit.band(n, c) == n then
         local slots = tonumber(f[2]) - math.max(0, tonumber(f[3] or '0'))
@@ -63,12 +71,11 @@ local function capable(need)
   return best
 end
 local UNSUPPORTED = 'no live worker of this model implements every feature the request asks for (the one that did is gone)'
-local pull_id = o['pull']
-if type(pull_id) == 'string' and pull_id ~= '' then
+if pull_id ~= '' then
   local last = redis.call('HMGET', me, 'pull_id', 'pull_job', 'pull_fence', 'pull_out', 'pull_wait')
   if last[1] == pull_id then
     -- a replay: nothing is claimed or counted again; the job claimed then, if still ours
-    local job = mp .. 'job:' .. last[2]
+    local job = prefix .. K.job .. last[2]
     local j = redis.call('HMGET', job, 'state', 'owner', 'fence', 'payload', 'seq', 'ntok')
     if j[1] == 'running' and j[2] == consumer and j[3] == last[3] then
       return {'job', last[2], j[4], tonumber(j[3]), j[5], j[6], last[4], tonumber(last[5])}
@@ -85,43 +92,42 @@ local function remember(out)  -- the claim a replay of this pull returns
   end
   return out
 end
-redis.call('HSET', me, 'free', free, 'seqs', o['seqs'], 'caps', caps)
-redis.call('PEXPIRE', me, o['worker_ttl'])
-redis.call('SADD', mp .. 'members', consumer)
+redis.call('HSET', me, 'free', free, 'seqs', seqs, 'caps', caps)
+redis.call('PEXPIRE', me, worker_ttl)
+redis.call('SADD', members, consumer)
 
-local expired = redis.call('ZRANGEBYSCORE', mp .. 'leases', '-inf', now, 'LIMIT', 0, 4)
+local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 4)
 local take = nil
 for _, id in ipairs(expired) do
-  local job = mp .. 'job:' .. id
+  local job = prefix .. K.job .. id
   local st = redis.call('HMGET', job, 'state', 'need')
   if st[1] ~= 'running' then
-    redis.call('ZREM', mp .. 'leases', id)
+    redis.call('ZREM', leases, id)
     return {'skipped', id, tostring(st[1])}
   end
   if can(st[2]) then take = id break end
   if capable(st[2]) == nil then  -- nobody left who can continue it
-    fail(mp, id, 'failed', 'unsupported_feature', UNSUPPORTED, 400, group, ttl)
+    fail(m, job_of(m, id), 'failed', 'unsupported_feature', UNSUPPORTED, 400, group, ttl)
     return {'skipped', id, 'failed'}
   end
 end
 if take then
   local id = take
-  local job = mp .. 'job:' .. id
+  local job = prefix .. K.job .. id
   if not idle and tonumber(redis.call('HGET', job, 'cost')) > free then return {'full'} end
-  local max_deliveries = tonumber(o['max_deliveries'])
   if tonumber(redis.call('HGET', job, 'deliveries')) >= max_deliveries then
-    redis.call('XADD', mp .. 'dead', 'MAXLEN', '~', 10000, '*', 'job', id,
+    redis.call('XADD', dead, 'MAXLEN', '~', 10000, '*', 'job', id,
       'deliveries', redis.call('HGET', job, 'deliveries'), 'owner', tostring(redis.call('HGET', job, 'owner')))
-    fail(mp, id, 'failed', 'poison_job', 'the job failed on ' .. max_deliveries .. ' workers; it was moved to the dead-letter stream', 500, group, ttl)
+    fail(m, job_of(m, id), 'failed', 'poison_job', 'the job failed on ' .. max_deliveries .. ' workers; it was moved to the dead-letter stream', 500, group, ttl)
     return {'skipped', id, 'dead'}
   end
   if past_deadline(job, now) then
-    fail(mp, id, 'expired', 'deadline_exceeded', 'the deadline passed during a worker failover', 504, group, ttl)
+    fail(m, job_of(m, id), 'expired', 'deadline_exceeded', 'the deadline passed during a worker failover', 504, group, ttl)
     return {'skipped', id, 'expired'}
   end
   local q, entry = redis.call('HGET', job, 'queue'), redis.call('HGET', job, 'entry')
   redis.call('XCLAIM', q, group, consumer, 0, entry, 'JUSTID')
-  local out = claim(mp, id, consumer, now, lease)
+  local out = claim(m, job, id, consumer, now, lease)
   out[7], out[8] = 'takeover', 0
   return remember(out)
 end
@@ -146,20 +152,20 @@ end
 -- the last id of every queue and of the wake stream
 local function idle_marks(out)
   local next_at = nil
-  for _, z in ipairs({mp .. 'leases', mp .. 'reserved'}) do
+  for _, z in ipairs({leases, reserved}) do
     -- the first that ends later, or has ended and is one this worker may take
     local rows = redis.call('ZRANGE', z, 0, 3, 'WITHSCORES')
     for k = 1, #rows, 2 do
       local at = tonumber(rows[k + 1])
-      if at > now or can(redis.call('HGET', mp .. 'job:' .. rows[k], 'need')) then
+      if at > now or can(redis.call('HGET', prefix .. K.job .. rows[k], 'need')) then
         if next_at == nil or at < next_at then next_at = at end
         break
       end
     end
   end
   out[#out + 1] = next_at and math.max(0, next_at - now) or -1
-  for i = 1, #KEYS do
-    local ok, info = pcall(redis.call, 'XINFO', 'STREAM', KEYS[i])
+  for i = 1, #queues + 1 do  -- the queues, then the wake stream
+    local ok, info = pcall(redis.call, 'XINFO', 'STREAM', queues[i] or wake)
     local last = '0-0'
     if ok then
       for k = 1, #info, 2 do if info[k] == 'last-generated-id' then last = info[k + 1] end end
@@ -171,17 +177,17 @@ end
 
 local function rank_of(prio_index, entry_id)
   local age = now - tonumber(string.match(entry_id, '^(%d+)'))
-  local aging = tonumber(o['aging'][prio_index])
-  if aging > 0 and age >= aging then return 0, age end
+  local age_limit = tonumber(aging[prio_index])
+  if age_limit > 0 and age >= age_limit then return 0, age end
   return prio_index, age
 end
 local prio_index = {}
 for i, name in ipairs({'high', 'normal', 'low'}) do prio_index[name] = i end
 
--- leading blocks of a fingerprint that worker w advertises (holding block i implies holding
--- every block before it, so a binary search finds the longest)
-local function held(w, chain)
-  local key, lo, hi = mp .. 'warm:' .. w, 0, #chain
+-- leading blocks of a fingerprint that the warm set ``key`` of a worker holds (holding block
+-- i implies holding every block before it, so a binary search finds the longest)
+local function held(key, chain)
+  local lo, hi = 0, #chain
   if redis.call('SISMEMBER', key, chain[1]) == 0 then return 0 end  -- most workers: one call
   lo = 1
   while lo < hi do
@@ -193,7 +199,7 @@ end
 -- worker w's free sequence slots after what is reserved for it (< 1: full; 0 at most when it
 -- lacks the tokens for a job of this cost), or nil when it is gone
 local function room(w, cost)
-  local f = redis.call('HMGET', mp .. 'worker:' .. w, 'free', 'seqs', 'rtok', 'rjobs')
+  local f = redis.call('HMGET', prefix .. K.worker .. w, 'free', 'seqs', 'rtok', 'rjobs')
   if not f[1] then return nil end
   local slots = tonumber(f[2]) - math.max(0, tonumber(f[4] or '0'))
   if tonumber(f[1]) - math.max(0, tonumber(f[3] or '0')) < cost then slots = math.min(slots, 0) end
@@ -213,21 +219,21 @@ local function route(job, cost, need)
   local chain = {}
   for h in string.gmatch(a[2] or '', '%S+') do chain[#chain + 1] = h end
   local session_worker = nil
-  if a[3] and a[3] ~= '' then session_worker = redis.call('GET', mp .. 'session:' .. a[3]) end
+  if a[3] and a[3] ~= '' then session_worker = redis.call('GET', prefix .. K.session .. a[3]) end
   local mine = 0
-  if #chain > 0 then mine = held(consumer, chain) end
+  if #chain > 0 then mine = held(my_warm, chain) end
   local my_score = mine + (session_worker == consumer and 0.5 or 0)
   local best, best_score, best_slots = nil, my_score, nil
-  for _, w in ipairs(redis.call('SMEMBERS', mp .. 'members')) do
+  for _, w in ipairs(redis.call('SMEMBERS', members)) do
     if w ~= consumer then
-      if redis.call('EXISTS', mp .. 'worker:' .. w) == 0 then
-        redis.call('SREM', mp .. 'members', w)
+      if redis.call('EXISTS', prefix .. K.worker .. w) == 0 then
+        redis.call('SREM', members, w)
       else
-        local n = #chain > 0 and held(w, chain) or 0
+        local n = #chain > 0 and held(prefix .. K.warm .. w, chain) or 0
         local sc = n + (w == session_worker and 0.5 or 0)
         if need and sc > my_score and sc >= best_score then
           local nb = tonumber(need)
-          if bit.band(nb, tonumber(redis.call('HGET', mp .. 'worker:' .. w, 'caps') or '0') or 0) ~= nb then sc = -1 end
+          if bit.band(nb, tonumber(redis.call('HGET', prefix .. K.worker .. w, 'caps') or '0') or 0) ~= nb then sc = -1 end
         end
         if sc > my_score and sc >= best_score then
           local slots = room(w, cost)
@@ -243,27 +249,27 @@ local function route(job, cost, need)
 end
 -- deliver queue q's head (job id) to worker w's consumer and put it in w's inbox
 local function reserve(q, head, id, w, cost)
-  local job = mp .. 'job:' .. id
+  local job = prefix .. K.job .. id
   local f = redis.call('HMGET', job, 'aw', 'dl')
-  local until_ms = now + math.max(tonumber(f[1] or '0'), tonumber(o['cap_wait'] or 250))
+  local until_ms = now + math.max(tonumber(f[1] or '0'), CAP_WAIT)
   local dl = tonumber(f[2] or '0')
   if dl > 0 then until_ms = math.min(until_ms, now + math.floor(math.max(0, dl - now) / 4)) end
   redis.call('XREADGROUP', 'GROUP', group, w, 'COUNT', 1, 'STREAMS', q, '>')
   redis.call('HSET', job, 'rsv', w, 'rsv_at', now, 'rsv_until', until_ms, 'aff_target', w)
-  redis.call('ZADD', mp .. 'inbox:' .. w, until_ms, id)
-  redis.call('ZADD', mp .. 'reserved', until_ms, id)
-  redis.call('HINCRBY', mp .. 'worker:' .. w, 'rtok', cost)
-  redis.call('HINCRBY', mp .. 'worker:' .. w, 'rjobs', 1)
+  redis.call('ZADD', prefix .. K.inbox .. w, until_ms, id)
+  redis.call('ZADD', reserved, until_ms, id)
+  redis.call('HINCRBY', prefix .. K.worker .. w, 'rtok', cost)
+  redis.call('HINCRBY', prefix .. K.worker .. w, 'rjobs', 1)
 end
 
 -- candidates: {kind, queue, entry id, job id, rank, age, cost, blocks held here}
 local cands = {}
 local function consider_reserved(id, kind)
-  local job = mp .. 'job:' .. id
+  local job = prefix .. K.job .. id
   local f = redis.call('HMGET', job, 'state', 'queue', 'entry', 'prio', 'cost', 'rsv', 'need')
   if f[1] ~= 'queued' or not f[6] then  -- ended, or no longer reserved: a stale index entry
-    redis.call('ZREM', mp .. 'reserved', id)
-    if kind == 'mine' then redis.call('ZREM', mp .. 'inbox:' .. consumer, id) end
+    redis.call('ZREM', reserved, id)
+    if kind == 'mine' then redis.call('ZREM', inbox, id) end
     return
   end
   if kind == 'steal' and f[6] == consumer then return end  -- in the inbox already
@@ -271,15 +277,15 @@ local function consider_reserved(id, kind)
   local rank, age = rank_of(prio_index[f[4]], f[3])
   cands[#cands + 1] = {kind, f[2], f[3], id, rank, age, tonumber(f[5]), 0}
 end
-for _, id in ipairs(redis.call('ZRANGE', mp .. 'inbox:' .. consumer, 0, 15)) do consider_reserved(id, 'mine') end
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', mp .. 'reserved', '-inf', now, 'LIMIT', 0, 4)) do consider_reserved(id, 'steal') end
-for i = 1, nq do
-  local q, head, reserved = KEYS[i], head_of(KEYS[i]), 0
+for _, id in ipairs(redis.call('ZRANGE', inbox, 0, 15)) do consider_reserved(id, 'mine') end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', reserved, '-inf', now, 'LIMIT', 0, 4)) do consider_reserved(id, 'steal') end
+for i, q in ipairs(queues) do
+  local head, n_reserved = head_of(q), 0
   while head do
     local fields = {}
     for k = 1, #head[2], 2 do fields[head[2][k]] = head[2][k + 1] end
     local id, cost = fields['job'], tonumber(fields['cost'])
-    local job = mp .. 'job:' .. id
+    local job = prefix .. K.job .. id
     local st = redis.call('HMGET', job, 'state', 'need')
     if st[1] ~= 'queued' then  -- ended while queued: drop it
       redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', q, '>')
@@ -287,28 +293,28 @@ for i = 1, nq do
       redis.call('XDEL', q, head[1])
       head = head_of(q)
     elseif not can(st[2]) then  -- not for this worker: reserve it for one that can serve it
-      local w = reserved < 16 and capable(st[2]) or nil
+      local w = n_reserved < 16 and capable(st[2]) or nil
       if w then
         reserve(q, head, id, w, cost)
-        reserved = reserved + 1
+        n_reserved = n_reserved + 1
         head = head_of(q)
-      elseif reserved < 16 then  -- nobody live can: an answer now rather than at the deadline
-        unqueue(mp, job)
-        fail(mp, id, 'failed', 'unsupported_feature', UNSUPPORTED, 400, group, ttl)
+      elseif n_reserved < 16 then  -- nobody live can: an answer now rather than at the deadline
+        unqueue(m, job)
+        fail(m, job_of(m, id), 'failed', 'unsupported_feature', UNSUPPORTED, 400, group, ttl)
         head = head_of(q)
       else
         head = nil
       end
     else
       local target, mine = nil, 0
-      if reserved < 16 then target, mine = route(job, cost, st[2]) end
+      if n_reserved < 16 then target, mine = route(job, cost, st[2]) end
       if target == nil then
         local rank, age = rank_of(i, head[1])
         cands[#cands + 1] = {'queue', q, head[1], id, rank, age, cost, mine}
         head = nil
       else
         reserve(q, head, id, target, cost)
-        reserved = reserved + 1
+        n_reserved = n_reserved + 1
         head = head_of(q)
       end
     end
@@ -323,14 +329,14 @@ if best == nil then return idle_marks({'empty'}) end
 if not idle and best[7] > free then return {'full'} end
 
 local kind, q, entry, id = best[1], best[2], best[3], best[4]
-local job = mp .. 'job:' .. id
+local job = prefix .. K.job .. id
 local outcome, waited, picked = 'cold', 0, 0
 local sf = redis.call('HMGET', job, 'session', 'sttl')
 local session = sf[1] and sf[1] ~= '' and sf[1] or nil
 if kind == 'queue' then
   redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', q, '>')
   -- warm: it holds some of the prefix, or served the session's last turn
-  if best[8] > 0 or (session and redis.call('GET', mp .. 'session:' .. session) == consumer) then
+  if best[8] > 0 or (session and redis.call('GET', prefix .. K.session .. session) == consumer) then
     outcome = 'warm'
   end
   redis.call('HSET', job, 'aff_target', outcome == 'warm' and consumer or '')
@@ -341,18 +347,18 @@ else
   waited, picked = math.min(now, tonumber(r[2])) - tonumber(r[1]), now - tonumber(r[1])
   outcome = kind == 'mine' and 'warm' or 'stolen'
 end
-unqueue(mp, job)
+unqueue(m, job)
 if past_deadline(job, now) then
-  fail(mp, id, 'expired', 'deadline_exceeded', 'the deadline passed while the job was queued', 504, group, ttl)
+  fail(m, job_of(m, id), 'expired', 'deadline_exceeded', 'the deadline passed while the job was queued', 504, group, ttl)
   return {'skipped', id, 'expired'}
 end
 if session then
-  redis.call('SET', mp .. 'session:' .. session, consumer, 'PX', math.max(1000, tonumber(sf[2] or '0')))
+  redis.call('SET', prefix .. K.session .. session, consumer, 'PX', math.max(1000, tonumber(sf[2] or '0')))
 end
 redis.call('HSET', job, 'aff', outcome, 'aff_wait', waited, 'aff_picked', picked)
 redis.call('HINCRBY', me, 'free', -best[7])
 redis.call('HINCRBY', me, 'seqs', -1)
-local out = claim(mp, id, consumer, now, lease)
+local out = claim(m, job, id, consumer, now, lease)
 out[7], out[8] = outcome, waited
 remember(out)
 -- another candidate, or a next entry in this queue (maybe a tenant's deferred job that
@@ -360,18 +366,3 @@ remember(out)
 if #cands > 1 or (kind == 'queue' and head_of(q)) then return out end
 -- nothing else is waiting: the worker may block on these marks instead of pulling again
 return idle_marks(out)
-"""
-)
-
-# KEYS: none (one model's keys, derived).  ARGV: model prefix, worker id.
-# A worker leaving (drain, stop): its reservations end now (anyone may take them), it stops
-# being a routing target, and its advertisement goes. Returns the number of jobs released.
-RELEASE = r"""
-local mp, w = ARGV[1], ARGV[2]
-local ids = redis.call('ZRANGE', mp .. 'inbox:' .. w, 0, -1)
-for _, id in ipairs(ids) do redis.call('ZADD', mp .. 'reserved', 'XX', 0, id) end
-redis.call('DEL', mp .. 'worker:' .. w, mp .. 'warm:' .. w)
-redis.call('SREM', mp .. 'members', w)
-if #ids > 0 then redis.call('XADD', mp .. 'wake', 'MAXLEN', '~', 100, '*', 'released', w) end
-return #ids
-"""
