@@ -102,7 +102,7 @@ def connect(
     ``socket_timeout`` bounds every reply; blocking commands pass a smaller ``BLOCK`` than it.
     Connection errors are retried with equal-jitter backoff so that a fleet reconnecting after
     a Redis restart does not arrive as one herd. A retry may replay a command that already ran
-    (only its reply was lost): every Lua script is safe to repeat (``shared/lua.py``). Under
+    (only its reply was lost): every Lua script is safe to repeat (``shared/lua/``). Under
     Sentinel every (re)connection asks the sentinels for the master first, so the same retries
     carry a command across a failover once the sentinels have promoted a replica.
     """
