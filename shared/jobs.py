@@ -263,23 +263,7 @@ class JobStore:
             pull_id=pull_id or uuid.uuid4().hex,
             caps=caps,
         )
-        kind = reply[0]
-        if kind == "empty":
-            last = tuple(str(x) for x in reply[2:])
-            return PullResult("empty", last_ids=last, next_lease_ms=int(reply[1]))
-        if kind != "job":
-            return PullResult(kind)
-        _, _job_id, payload, fence, seq, ntok, outcome, waited, *marks = reply
-        claimed = Claimed(Job.model_validate_json(payload), int(fence), int(seq), int(ntok))
-        last = tuple(str(x) for x in marks[1:])  # empty: more is waiting
-        return PullResult(
-            "job",
-            claimed=claimed,
-            last_ids=last,
-            next_lease_ms=int(marks[0]) if marks else -1,
-            outcome=str(outcome),
-            affinity_wait_ms=int(waited),
-        )
+        return _pull_result(reply)
 
     async def release(self, model: str, worker: str) -> int:
         """A worker leaves: its reservations end now, and it stops being a routing target."""
@@ -403,6 +387,27 @@ class JobStore:
             job_id=job.id,
         )
         return bool(ok)
+
+
+def _pull_result(reply: Any) -> PullResult:
+    """``PULL``'s reply, typed."""
+    kind = reply[0]
+    if kind == "empty":
+        last = tuple(str(x) for x in reply[2:])
+        return PullResult("empty", last_ids=last, next_lease_ms=int(reply[1]))
+    if kind != "job":
+        return PullResult(kind)
+    _, _job_id, payload, fence, seq, ntok, outcome, waited, *marks = reply
+    claimed = Claimed(Job.model_validate_json(payload), int(fence), int(seq), int(ntok))
+    last = tuple(str(x) for x in marks[1:])  # empty: more is waiting
+    return PullResult(
+        "job",
+        claimed=claimed,
+        last_ids=last,
+        next_lease_ms=int(marks[0]) if marks else -1,
+        outcome=str(outcome),
+        affinity_wait_ms=int(waited),
+    )
 
 
 def _fenced(batch: EventBatch, fence: int) -> EventBatch:
