@@ -66,7 +66,10 @@ class Deadlines:
         self.done = max(self.done, due)
         for key in keys:
             for item in self.buckets.pop(key, ()):
-                item.expire(now)
+                try:
+                    item.expire(now)
+                except Exception:  # one broken item must not stop every stream's timeouts
+                    log.exception("deadline_expiry_failed")
 
 
 class Listener:

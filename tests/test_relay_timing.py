@@ -76,3 +76,18 @@ async def test_unsubscribes_go_out_at_the_next_tick(redis: Redis) -> None:
         assert await back.wait(5.0) and back.take() == ["still here"]
     finally:
         await mux.close()
+
+
+class Broken:
+    def expire(self, now: float) -> None:
+        raise RuntimeError("broken")
+
+
+def test_a_failing_item_does_not_stop_the_others() -> None:
+    wheel = Deadlines(tick=0.05)
+    start = time.monotonic()
+    seen = Seen()
+    wheel.add(start, Broken())
+    wheel.add(start, seen)
+    wheel.fire(start + 0.2)
+    assert len(seen.at) == 1
