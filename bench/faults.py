@@ -1,13 +1,16 @@
 """Redis faults under load, many randomized trials each: what the clients saw (issue 12).
 
-Three faults, each run ``--trials`` times against one set of real processes (a redis-server,
-a gateway and two simulator workers, started as the fault suite starts them,
+Four faults, each run ``--trials`` times against one set of real processes (a redis-server,
+a gateway and simulator workers, started as the fault suite starts them,
 ``tests/faults/cluster.py``; lease 0.6 s, heartbeat 0.1 s):
 
-- ``lossy``: the gateway and the workers reach Redis through ``tests/lossy_proxy.LossyProxy``
-  while streams run; at random moments the reply to the next script call (``EVALSHA``) or the
-  next command of any kind is lost after Redis ran it, and the connection is cut (redis-py
-  replays it).
+- ``lossy`` (``bench/faults_lossy.py``): the gateway, the workers and a janitor reach Redis
+  through ``tests/lossy_proxy.LossyProxy`` while streams run; each trial aims its losses at one
+  Lua script (ENQUEUE, PULL, EMIT, RENEW, CANCEL, HANDBACK, RELEASE, SWEEP in turn) and makes
+  the traffic that calls it; the reply is lost after Redis ran the script, the connection is
+  cut, and redis-py replays it. Lost replies are counted per script.
+- ``skew`` (``bench/faults_skew.py``): workers and a deadline-taking gateway whose clocks are
+  off by up to ±30 s (libfaketime) beside a correct worker and gateway.
 - ``sigstop``: Redis is SIGSTOPped for longer than the clients' socket timeout (10 s), at a
   random moment mid-stream, then SIGCONTed.
 - ``restart``: ``kill -9`` of Redis (AOF ``everysec``) while 50 streams run, at a random moment,
@@ -21,158 +24,35 @@ tokens of a stream. Target: 0 lost, 0 duplicated, 0 wrongly failed, recovery <= 
 
     flock /tmp/slipstream-bench.lock .venv/bin/python -m bench.faults --trials 20 \\
         --out docs/reliability_faults.json --doc docs/reliability.md
+
+``--faults skew lossy`` runs only those; ``--out`` keeps the other faults' rows and trials
+already in the file, and ``--doc`` writes the table from all of them.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import functools
 import json
 import os
 import random
 import signal
+import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from typing import Any
 
-from tests.faults.cluster import (
-    FAST_LEASES,
-    Cluster,
-    StreamRecord,
-    percentile,
-    stream_completion,
-    wait_frames,
-)
-from tests.lossy_proxy import LossyProxy
-from worker.engines.sim import greedy_text
+from bench.faults_base import LEASE_S, Trial, fleet, report, resumed_after, run_streams
+from bench.faults_lossy import TARGETS, lossy
+from bench.faults_skew import skew
+from tests.faults.cluster import Cluster, percentile
 
-LEASE_S = float(FAST_LEASES["SLIPSTREAM_LEASE_S"])
+__all__ = ["FAULTS", "LEASE_S", "Trial", "lossy", "restart", "sigstop", "skew"]
+
 SOCKET_TIMEOUT_S = 10.0  # shared.redis.connect's default, what the gateway and workers use
-SIM = ("--max-seqs", "32", "--sim-ttft-ms", "5", "--sim-tokens-per-s", "40")
 BEGIN, END = "<!-- faults:begin -->", "<!-- faults:end -->"
-
-
-@dataclass
-class Trial:
-    """One trial of one fault, as the clients saw it."""
-
-    fault: str
-    trial: int
-    streams: int
-    detail: dict[str, float] = field(default_factory=dict)  # the fault's random parameters
-    completed: int = 0
-    wrongly_failed: int = 0  # did not end with exactly one finish and [DONE]
-    text_wrong: int = 0  # text differs from the uninterrupted greedy answer
-    tokens_lost: int = 0
-    tokens_duplicated: int = 0
-    recover_s: list[float] = field(default_factory=list)  # per stream
-    errors: list[str] = field(default_factory=list)
-
-
-def judge(trial: Trial, prompts: list[str], records: list[StreamRecord], tokens: int) -> None:
-    for prompt, record in zip(prompts, records, strict=True):
-        ids = record.ids()
-        if ids:
-            trial.tokens_lost += len(set(range(1, max(ids) + 1)) - set(ids))
-            trial.tokens_duplicated += len(ids) - len(set(ids))
-        done = bool(record.frames) and record.frames[-1][1] == "[DONE]"
-        ok = done and len(record.terminals()) == 1 and "error" not in record.terminals()[0]
-        trial.completed += int(ok)
-        trial.wrongly_failed += int(not ok)
-        trial.text_wrong += int(record.text() != greedy_text(prompt, tokens))
-
-
-def resumed_after(records: list[StreamRecord], moment: float) -> list[float]:
-    """Per stream still running at ``moment``: seconds from it to the stream's next token."""
-    out = []
-    for record in records:
-        times = [t for _, data, t in record.frames if data.startswith("{")]
-        if times and times[0] < moment and times[-1] > moment:
-            out.append(min(t for t in times if t > moment) - moment)
-    return out
-
-
-async def run_streams(
-    base: str,
-    trial: Trial,
-    tokens: int,
-    fault: Callable[[], Awaitable[None]],
-) -> list[StreamRecord]:
-    """``trial.streams`` streams; ``fault`` runs once every stream has its first token."""
-    tag = f"{trial.fault} {trial.trial} {random.random():.6f}"
-    prompts = [f"{tag} {i}" for i in range(trial.streams)]
-    records = [StreamRecord() for _ in prompts]
-    tasks = [
-        asyncio.create_task(stream_completion(base, p, tokens, r, timeout=90))
-        for p, r in zip(prompts, records, strict=True)
-    ]
-    try:
-        await asyncio.gather(*(wait_frames(r, 2, timeout=60) for r in records))
-        await fault()
-        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 120)
-    finally:
-        for task in tasks:
-            task.cancel()
-    trial.errors += [repr(r)[:200] for r in results if isinstance(r, BaseException)]
-    judge(trial, prompts, records, tokens)
-    return records
-
-
-@contextlib.asynccontextmanager
-async def fleet(redis_url: str, cluster: Cluster) -> AsyncIterator[str]:
-    """A gateway and two workers on ``redis_url``; yields the gateway's base URL."""
-    cluster.env["REDIS_URL"] = redis_url
-    gateway = cluster.gateway()
-    cluster.worker("a", *SIM)
-    cluster.worker("b", *SIM)
-    await cluster.wait_workers(2)
-    yield f"http://127.0.0.1:{gateway.port}"
-
-
-async def lossy(trials: int, streams: int = 10, tokens: int = 40) -> list[Trial]:
-    cluster = Cluster.start()
-    proxy = await LossyProxy(cluster.redis.port).start()
-    out = []
-    try:
-        async with fleet(proxy.url, cluster) as base:
-            for n in range(trials):
-                trial = Trial("lossy", n, streams)
-                stop = asyncio.Event()
-                losing: list[asyncio.Task[None]] = []
-                lose = functools.partial(start_losses, proxy, stop, losing)
-                before = len(proxy.lost)
-                try:
-                    records = await run_streams(base, trial, tokens, lose)
-                finally:
-                    stop.set()
-                    await asyncio.gather(*losing)
-                trial.detail["replies_lost"] = len(proxy.lost) - before
-                trial.recover_s = [r.largest_gap_s() for r in records]
-                out.append(report(trial))
-    finally:
-        cluster.stop()  # first: the processes' connections end, so the proxy's pumps do too
-        await asyncio.sleep(0.2)
-        await proxy.close()
-    return out
-
-
-async def start_losses(
-    proxy: LossyProxy, stop: asyncio.Event, tasks: list[asyncio.Task[None]]
-) -> None:
-    tasks.append(asyncio.create_task(losses(proxy, stop)))
-
-
-async def losses(proxy: LossyProxy, stop: asyncio.Event) -> None:
-    """Lose a reply every 50-250 ms until ``stop``: a script call's (3 in 4) or any command's.
-    (A loss armed when the trial ends happens early in the next one and counts there.)"""
-    while not stop.is_set():
-        if not proxy.armed:
-            proxy.arm(b"EVALSHA" if random.random() < 0.75 else b"\r\n")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), random.uniform(0.05, 0.25))
 
 
 async def sigstop(trials: int, streams: int = 10, tokens: int = 40) -> list[Trial]:
@@ -229,21 +109,17 @@ async def crash_redis(cluster: Cluster, trial: Trial) -> None:
     trial.detail["fault_end"] = time.monotonic()
 
 
-def report(trial: Trial) -> Trial:
-    row = asdict(trial)
-    row["recover_s"] = [round(x, 3) for x in trial.recover_s]
-    print(json.dumps(row), flush=True)
-    return trial
-
-
 FAULTS: dict[str, Callable[[int], Awaitable[list[Trial]]]] = {
     "lossy": lossy,
+    "skew": skew,
     "sigstop": sigstop,
     "restart": restart,
 }
 TITLES = {
-    "lossy": "Lost replies under load: reply lost after Redis ran it, connection cut "
-    "(every 50-250 ms; 3 in 4 a script call), 10 streams",
+    "lossy": "Lost replies for every script: reply lost after Redis ran it, connection cut "
+    "(every 50-250 ms; 3 in 4 the trial's target script), 10 streams",
+    "skew": "Clock skew: 2 workers and a deadline gateway each off by up to ±30 s "
+    "(libfaketime) beside correct ones, 9 streams + 2 deadline requests",
     "sigstop": "Redis SIGSTOP for 10.5-12 s (> the 10 s socket timeout), 10 streams",
     "restart": "Redis `kill -9` + restart (AOF everysec, down 0.1-1 s), 50 streams",
 }
@@ -251,6 +127,16 @@ TITLES = {
 
 def summary(fault: str, trials: list[Trial]) -> dict[str, Any]:
     recover = [x for t in trials for x in t.recover_s]
+    checks: dict[str, int] = {}
+    lost: dict[str, int] = {}
+    targeted: dict[str, int] = {}
+    for t in trials:
+        for name, n in t.checks.items():
+            checks[name] = checks.get(name, 0) + n
+        for name, n in t.lost.items():
+            lost[name] = lost.get(name, 0) + n
+        if t.target and fault == "lossy":
+            targeted[t.target] = targeted.get(t.target, 0) + 1
     return {
         "fault": fault,
         "trials": len(trials),
@@ -266,6 +152,9 @@ def summary(fault: str, trials: list[Trial]) -> dict[str, Any]:
         "within_target": sum(1 for x in recover if x <= LEASE_S + 1.0),
         "measured": len(recover),
         "replies_lost": int(sum(t.detail.get("replies_lost", 0) for t in trials)),
+        "checks": checks,
+        "lost_by_call": dict(sorted(lost.items(), key=lambda kv: -kv[1])),
+        "trials_by_target": targeted,
     }
 
 
@@ -282,7 +171,42 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         f"| {r['within_target']} / {r['measured']} |"
         for r in rows
     ]
-    return head + "\n".join(lines) + "\n"
+    extra = [f(r) for r in rows for f in (scripts_table, skew_table) if f(r)]
+    return head + "\n".join(lines) + "\n" + "".join("\n" + e for e in extra)
+
+
+def scripts_table(row: dict[str, Any]) -> str:
+    """Lost replies per script (``lossy``): trials aimed at it, replies it lost."""
+    if row["fault"] != "lossy" or "trials_by_target" not in row:
+        return ""
+    lost, aimed = row["lost_by_call"], row["trials_by_target"]
+    cells = ", ".join(f"{n} {lost.get(n, 0)} ({aimed.get(n, 0)})" for n in TARGETS)
+    others = sum(n for name, n in lost.items() if name not in TARGETS)
+    checks = row["checks"]
+    return (
+        "Lost replies per script (trials aimed at it): "
+        + cells
+        + f"; other commands: {others}. Cancelled jobs that ended `cancelled`: "
+        + f"{checks.get('cancelled', 0)} / "
+        + f"{checks.get('cancelled', 0) + checks.get('cancel_not_honoured', 0)}; "
+        + f"workers drained: {checks.get('drained', 0)}.\n"
+    )
+
+
+def skew_table(row: dict[str, Any]) -> str:
+    """The clock-skew trial's own counts."""
+    if row["fault"] != "skew":
+        return ""
+    c = row["checks"]
+    return (
+        "Clock skew: leases taken from live workers (`job_fenced`) "
+        f"{c.get('leases_taken', 0)}; jobs delivered more than once "
+        f"{c.get('deliveries_gt1', 0)} / {c.get('jobs', 0)} "
+        f"({c.get('on_skewed_worker', 0)} ran on a skewed worker); live-set samples missing a "
+        f"running worker {c.get('workers_seen_dead', 0)}; deadlines honoured "
+        f"{c.get('deadline_checks', 0) - c.get('deadline_misses', 0)} / "
+        f"{c.get('deadline_checks', 0)}.\n"
+    )
 
 
 def write_doc(path: str, table: str) -> None:
@@ -296,20 +220,45 @@ def write_doc(path: str, table: str) -> None:
 
 async def main_async(args: argparse.Namespace) -> None:
     random.seed(args.seed)
-    rows, trials = [], {}
+    kept = load(args.out)
+    meta = {"seed": args.seed, "commit": commit(), "lease_s": LEASE_S, "trials": args.trials}
     for fault in args.faults:
         done = await FAULTS[fault](args.trials)
-        trials[fault] = [asdict(t) for t in done]
-        rows.append(summary(fault, done))
-        print(json.dumps(rows[-1]), flush=True)
+        kept["runs"][fault] = [asdict(t) for t in done]
+        kept["summary"][fault] = summary(fault, done) | {"run": meta}
+        print(json.dumps(kept["summary"][fault]), flush=True)
+    rows = [kept["summary"][f] for f in FAULTS if f in kept["summary"]]
     table = markdown(rows)
     print(table)
     if args.out:
         with open(args.out, "w") as out:
-            meta = {"trials": args.trials, "seed": args.seed, "lease_s": LEASE_S}
-            json.dump({**meta, "summary": rows, "runs": trials}, out, indent=1)
+            json.dump({"lease_s": LEASE_S, "summary": rows, "runs": kept["runs"]}, out, indent=1)
     if args.doc:
         write_doc(args.doc, table)
+
+
+def load(path: str) -> dict[str, dict[str, Any]]:
+    """The faults already in ``path`` (by name), so a run of some keeps the others; a file
+    from before per-fault run notes keeps its top-level seed and trials on each row."""
+    if not path or not os.path.exists(path):
+        return {"summary": {}, "runs": {}}
+    with open(path) as f:
+        old = json.load(f)
+    default = {k: old[k] for k in ("seed", "trials", "lease_s") if k in old}
+    summary = {r["fault"]: {"run": default} | r for r in old.get("summary", [])}
+    return {"summary": summary, "runs": dict(old.get("runs", {}))}
+
+
+def commit() -> str:
+    """The checkout's commit, with ``+dirty`` when tracked files differ from it."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], timeout=30).returncode
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def main() -> None:
