@@ -14,7 +14,9 @@ Every key a script touches belongs to one model: the names carry the ``{model}``
 at run time (a job id read from a queue, a worker id from ``members``) are built from the
 model's prefix and the names in ``shared.keys.LUA_NAMES``, which the loader hands to the
 scripts that move jobs as the table ``K``, together with the helpers of ``helpers.lua``.
-Scripts without helpers pay for neither (a script's main chunk runs on every call).
+Scripts without helpers pay for neither (a script's main chunk runs on every call). A line
+number in a Redis error counts those prologue lines first (``len(Script.source.splitlines())``
+minus the file's).
 
 Job states: queued -> running -> completed | failed; queued|running -> cancelled | expired.
 ``fence`` grows on every claim; a write must carry the current fence (zombie fencing).
