@@ -95,7 +95,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(SlipstreamError)
     async def slipstream_error(request: Request, exc: SlipstreamError) -> JSONResponse:
-        metrics_routes.note_rejection(request, exc)
         return JSONResponse(exc.envelope(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)

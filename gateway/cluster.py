@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import structlog
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from shared.fleet import known_models, live_workers
 from shared.jobs import read_backlog
 from shared.keys import CONSUMER_GROUP, Keys
 from shared.models import Priority, WorkerInfo
+
+if TYPE_CHECKING:  # the state holds the metrics, which hold snapshots of this module
+    from gateway.state import GatewayState
+
+log = structlog.get_logger("slipstream.gateway")
+CLUSTER_READ_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,3 +112,27 @@ async def read_cluster(
     queues = await _queues(redis, keys, ordered)
     workers.sort(key=lambda w: (w.model, w.id))
     return ClusterSnapshot(queues, _models(ordered, workers), workers)
+
+
+async def refresh_cluster(state: GatewayState) -> ClusterSnapshot | None:
+    """Read the cluster and set the gauges from it; None (gauges left as they were) on error.
+
+    The read awaits; setting the gauges and rendering after it do not, so a scrape never sees
+    half of one snapshot and half of another.
+    """
+    try:
+        snap = await asyncio.wait_for(
+            read_cluster(
+                state.redis,
+                state.keys,
+                worker_ttl_s=state.settings.worker_ttl_s,
+                models=state.settings.models,
+            ),
+            CLUSTER_READ_TIMEOUT_S,
+        )
+    except (RedisError, OSError, TimeoutError) as exc:
+        state.metrics.cluster_errors.inc()
+        log.warning("cluster_read_failed", error=str(exc) or type(exc).__name__)
+        return None
+    state.metrics.apply_cluster(snap)
+    return snap

@@ -7,13 +7,11 @@ import socket
 
 import httpx
 import pytest
-from fastapi import Request
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from gateway.apikeys import Scope, create_key, revoke_key
 from gateway.app import create_app
-from shared.errors import Overloaded
 from shared.jobs import JobStore
 from shared.keys import Keys
 from tests.helpers import (
@@ -130,19 +128,20 @@ async def test_cluster_gauges_come_from_redis(redis_url: str, redis: Redis) -> N
     assert model["workers"] == 0 and data["workers"] == [] and data["redis_ok"] is True
 
 
-async def test_admission_rejections_counted_by_model_and_reason(redis_url: str) -> None:
-    settings = gateway_settings(redis_url)
+async def test_admission_rejections_counted_by_model_and_reason(
+    redis: Redis, redis_url: str
+) -> None:
+    """Real refusals (a full queue, through the HTTP API) are counted where they happen."""
+    from tests.test_admission import chat, plant_worker, queue_tokens
+
+    await plant_worker(redis, tokens_per_s=100.0)
+    await queue_tokens(redis, 100, priority="high", n=2)
+    settings = gateway_settings(redis_url, queue_limits={"sim-model": {"tokens": 250}})
     app = create_app(settings)
-
-    @app.post("/test/overloaded")
-    async def overloaded(request: Request) -> None:
-        request.state.model = "sim-model"
-        raise Overloaded("the queue is full", code="queue_full", headers={"Retry-After": "2"})
-
     async with running_app(app, settings.port) as base, httpx.AsyncClient(base_url=base) as client:
         for _ in range(2):
-            response = await client.post("/test/overloaded")
-            assert response.status_code == 429 and response.headers["retry-after"] == "2"
+            response = await client.post("/v1/chat/completions", json=chat(max_tokens=100))
+            assert response.status_code == 429 and response.json()["error"]["code"] == "queue_full"
         gw = await scrape(f"{base}/metrics")
         data = (await client.get("/dashboard/data")).json()
     name = "slipstream_gateway_admission_rejections_total"

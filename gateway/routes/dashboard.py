@@ -17,8 +17,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from gateway.auth import require_operator
-from gateway.cluster import ClusterSnapshot
-from gateway.routes.metrics import refresh_cluster
+from gateway.cluster import ClusterSnapshot, refresh_cluster
 from gateway.state import gateway_state
 from shared.errors import NotFound
 

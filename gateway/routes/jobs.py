@@ -14,12 +14,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from gateway.auth import tenant_of
-from gateway.idempotency import claim_idempotency_key
 from gateway.openapi import json_body
-from gateway.routes.completions import accept
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.state import GatewayState, gateway_state
 from gateway.streaming import new_dispatch, stream_response, writer_for
+from gateway.submit import accept, enqueue_now
 from shared.errors import InvalidRequest, NotFound
 from shared.models import DoneEvent, ErrorEvent, Job, JobState, TokenEvent
 
@@ -40,20 +39,10 @@ async def find_job(state: GatewayState, request: Request, job_id: str) -> Job:
     openapi_extra=json_body(ChatCompletionRequest, CompletionRequest),
 )
 async def submit_job(request: Request) -> JSONResponse:
-    state, job, _ = await accept(request, None)
-    existing, binding = await claim_idempotency_key(state, request, job)
-    if existing is None:
-        try:
-            await state.store.enqueue(job)
-        except BaseException:
-            if binding is not None:  # a failed enqueue frees the key for the client's retry
-                await binding.release_unless_enqueued(state, job)
-            raise
-    job = existing or job
+    accepted = await accept(request, None)
+    job, existed = await enqueue_now(request, accepted)
     body = {"id": job.id, "object": "slipstream.job", "model": job.model, "status": "queued"}
-    headers = {"X-Request-Id": job.request_id, "X-Slipstream-Job-Id": job.id}
-    headers.update(getattr(request.state, "rate_headers", None) or {})
-    return JSONResponse(body, status_code=200 if existing else 202, headers=headers)
+    return JSONResponse(body, status_code=200 if existed else 202, headers=accepted.headers(job))
 
 
 @router.get("/v1/jobs/{job_id}/events")
