@@ -78,7 +78,12 @@ class Dispatch:
     def finished(self) -> bool:
         return self.events.finished
 
-    async def __aenter__(self) -> Dispatch:
+    # A dispatch outlives the route that opens it: a streamed response returns at once and
+    # the relay closes the dispatch when the stream ends. So ``open`` and ``close`` are the
+    # interface (``gateway/streaming.py``); ``async with`` is for callers whose use fits in a
+    # block.
+    async def open(self) -> None:
+        """Listen first, then enqueue when submitting (no event can be missed)."""
         await self.events.__aenter__()
         if self.submit:
             try:
@@ -86,6 +91,19 @@ class Dispatch:
             except BaseException:
                 await self.events.__aexit__(None, None, None)
                 raise
+
+    async def close(self) -> None:
+        """Leave the job: cancel it if unfinished and ``cancel_on_exit``; stop listening."""
+        try:
+            if not self.finished and self.cancel_on_exit:
+                await self.store.cancel(self.job.model, self.job.id, message="the client went away")
+        finally:
+            if self.observer is not None:
+                self.observer.on_exit(self)
+            await self.events.__aexit__(None, None, None)
+
+    async def __aenter__(self) -> Dispatch:
+        await self.open()
         return self
 
     async def __aexit__(
@@ -94,13 +112,7 @@ class Dispatch:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        try:
-            if not self.finished and self.cancel_on_exit:
-                await self.store.cancel(self.job.model, self.job.id, message="the client went away")
-        finally:
-            if self.observer is not None:
-                self.observer.on_exit(self)
-            await self.events.__aexit__(exc_type, exc, tb)
+        await self.close()
 
     async def next(self, timeout: float = 1.0) -> list[Event]:
         """The next events; ``[]`` after ``timeout`` seconds of quiet (time for a progress note)."""

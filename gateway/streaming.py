@@ -70,7 +70,7 @@ async def close_dispatch(dispatch: Dispatch, *, cancel: bool = True) -> None:
     if not cancel:
         dispatch.cancel_on_exit = False
     with anyio.CancelScope(shield=True):
-        await dispatch.__aexit__(None, None, None)
+        await dispatch.close()
 
 
 async def stream_response(
@@ -86,7 +86,7 @@ async def stream_response(
     An error before that becomes the response's status (504, 503...) when
     ``early_errors_as_status``; a reader of an existing job gets it as an SSE error event.
     """
-    await dispatch.__aenter__()
+    await dispatch.open()
     try:
         first = await dispatch.next(timeout=state.settings.stream_start_s)
         error = next((e for e in first if isinstance(e, ErrorEvent)), None)
@@ -180,7 +180,7 @@ async def collect_response(
             pass
         tg.cancel_scope.cancel()
 
-    await dispatch.__aenter__()
+    await dispatch.open()
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(collect)
