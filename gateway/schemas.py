@@ -100,6 +100,7 @@ class _CommonRequest(BaseModel):
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
         default=None, max_length=1024
     )
+    ignore_eos: StrictBool | None = None  # GuideLLM sends it to fix the output length
     user: str | None = Field(default=None, max_length=256)
     prompt_cache_key: str | None = Field(default=None, max_length=256)
     # Accepted because they do not change what is generated (bookkeeping, routing hints).
@@ -154,6 +155,7 @@ class _CommonRequest(BaseModel):
             frequency_penalty=self.frequency_penalty or 0.0,
             logit_bias=self.logit_bias or None,
             n=self.n,
+            ignore_eos=bool(self.ignore_eos),
             **self._more_features(),
         )
         return f if f.needs() else None

@@ -2,7 +2,8 @@
 
 The rule: a request that asks for a feature (a parameter with a non-neutral value) is accepted
 only when a live worker of its model implements it, and only such a worker takes it. Neutral
-values (``top_k`` 0, penalties 0, ``n`` 1, ``logprobs`` false, ``response_format`` text)
+values (``top_k`` 0, penalties 0, ``n`` 1, ``logprobs`` false, ``response_format`` text,
+``ignore_eos`` false)
 need nothing, so a plain request is routed exactly as before.
 
 A worker's set travels as names in its registry entry (``WorkerInfo.capabilities``, what the
@@ -32,6 +33,7 @@ class Feature(enum.StrEnum):
     JSON_OBJECT = "json_object"  # response_format {"type": "json_object"}
     JSON_SCHEMA = "json_schema"  # response_format {"type": "json_schema", ...}
     TOOLS = "tools"  # tools, tool_choice, tool-call deltas
+    IGNORE_EOS = "ignore_eos"  # vLLM's: generate max_tokens, past end-of-sequence tokens
 
     @property
     def bit(self) -> int:
@@ -132,6 +134,7 @@ class Features(BaseModel):
     response_format: dict[str, Any] | None = None  # json_object | json_schema, as sent
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    ignore_eos: bool = False
 
     def needs(self) -> Capabilities:
         out: set[Feature] = set()
@@ -158,6 +161,8 @@ class Features(BaseModel):
             out.add(Feature.JSON_SCHEMA)
         if self.tools:
             out.add(Feature.TOOLS)
+        if self.ignore_eos:
+            out.add(Feature.IGNORE_EOS)
         return frozenset(out)
 
     def json_schema(self) -> dict[str, Any] | None:

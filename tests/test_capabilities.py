@@ -246,3 +246,28 @@ async def test_pull_fails_a_job_no_live_worker_can_serve(redis: Redis) -> None:
     assert await store.job_state(job.model, job.id) == JobState.FAILED
     error = (await store.read_log(job.model, job.id))[-1].batch.events[-1]
     assert error.code == "unsupported_feature" and error.status == 400  # type: ignore[union-attr]
+
+
+async def test_ignore_eos_goes_only_where_it_is_implemented(redis_url: str, upstream: str) -> None:
+    """GuideLLM fixes output lengths with vLLM's ``ignore_eos``: a worker whose engine lacks
+    it (here an upstream configured without it) gets no such job, and the 400 names it;
+    ``false`` is neutral. The simulator implements it (it never ends a sequence early)."""
+    body: dict[str, Any] = {"model": "sim-model", "messages": MSG, "max_tokens": 7}
+    async with (
+        running_gateway(gateway_settings(redis_url)) as base,
+        openai_worker(redis_url, upstream, upstream_capabilities="top_k"),
+        httpx.AsyncClient(base_url=base, timeout=10) as client,
+    ):
+        refused = await client.post("/v1/chat/completions", json={**body, "ignore_eos": True})
+        assert refused.status_code == 400
+        assert refused.json()["error"]["param"] == "ignore_eos"
+        neutral = await client.post("/v1/chat/completions", json={**body, "ignore_eos": False})
+        assert neutral.status_code == 200
+    async with (
+        running_gateway(gateway_settings(redis_url)) as base,
+        running_worker(worker_settings(redis_url)),
+        httpx.AsyncClient(base_url=base, timeout=10) as client,
+    ):
+        served = await client.post("/v1/chat/completions", json={**body, "ignore_eos": True})
+        assert served.status_code == 200, served.text
+        assert served.json()["usage"]["completion_tokens"] == 7

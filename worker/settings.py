@@ -100,7 +100,7 @@ class UpstreamSettings(CommonSettings):
     )
     upstream_capabilities: str = Field(
         default="top_k,min_p,repetition_penalty,presence_penalty,frequency_penalty,logit_bias,"
-        "logprobs,json_object,json_schema,tools",
+        "logprobs,json_object,json_schema,tools,ignore_eos",
         description="Request features the upstream implements, passed through (comma-separated "
         "names from shared/capabilities.py, or all; default: what vLLM implements, except n)",
     )

@@ -49,7 +49,12 @@ from worker.stops import StopMatcher
 from worker.warm import WarmPrefixes
 
 CACHE_SEQS = 32  # sequence ids for cached prefixes
-FEATURES = SAMPLING | {Feature.LOGPROBS, Feature.JSON_OBJECT, Feature.JSON_SCHEMA}
+FEATURES = SAMPLING | {
+    Feature.LOGPROBS,
+    Feature.JSON_OBJECT,
+    Feature.JSON_SCHEMA,
+    Feature.IGNORE_EOS,
+}
 
 
 def default_threads(threads: int = 0, cores: int | None = None) -> int:
@@ -248,6 +253,7 @@ class LlamaEngine:
             vocab=model.vocab,
             piece=model.piece,
             is_eog=model.is_eog,
+            ignore_eos=f.ignore_eos,
         )
 
     async def count_prompt_tokens(self, job: Job) -> int:

@@ -48,6 +48,7 @@ class SamplingSpec:
     vocab: Any = None  # the llama.cpp vocabulary (the grammar sampler needs it)
     piece: Callable[[int], bytes] | None = None  # token -> bytes (logprobs' ``token``)
     is_eog: Callable[[int], bool] | None = None
+    ignore_eos: bool = False  # an end-of-generation token does not end the sequence
 
 
 class Sampler:

@@ -304,7 +304,8 @@ class Scheduler:
         if seq.digest is not None:
             seq.digest.update(logits.tobytes())
         token = seq.sampler(logits)
-        if self.ctx.model.is_eog(token):
+        spec = seq.plan.spec
+        if self.ctx.model.is_eog(token) and not (spec is not None and spec.ignore_eos):
             self._finish(seq, "")
             return
         seq.out.append(token)

@@ -20,7 +20,7 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from shared.capabilities import NONE
+from shared.capabilities import Feature
 from shared.models import Job
 from shared.prefix import BLOCK_BYTES, block_hashes
 from worker.engine import EngineError, GenerationRequest, render_transcript
@@ -129,15 +129,16 @@ def count_tokens(text: str) -> int:
 class SimEngine:
     """Simulated engine (``--engine sim``).
 
-    It implements no request feature (``capabilities`` is empty): its next token is a hash
-    of the context, not a draw from a distribution, so there is nothing for ``top_k`` or
-    penalties to act on and no honest logprob to report. Feature requests go to workers
-    whose engines have them (``llama``, ``openai``), or are refused with a 400.
+    It implements one request feature, ``ignore_eos``: it never ends a sequence early, so it
+    always generates ``max_tokens`` as that asks. Its next token is a hash of the context,
+    not a draw from a distribution, so there is nothing for ``top_k`` or penalties to act on
+    and no honest logprob to report. Those requests go to workers whose engines have them
+    (``llama``, ``openai``), or are refused with a 400.
     """
 
     name = "sim"
-    capabilities = NONE
-    continuable = NONE
+    capabilities = frozenset({Feature.IGNORE_EOS})
+    continuable = frozenset({Feature.IGNORE_EOS})
 
     def __init__(self, profile: SimProfile) -> None:
         self.profile = profile

@@ -31,7 +31,7 @@ from typing import Any, cast
 
 import httpx
 
-from shared.capabilities import SAMPLING, Features, parse_names
+from shared.capabilities import SAMPLING, Feature, Features, parse_names
 from shared.models import Job
 from shared.prefix import block_hashes
 from worker.engine import (
@@ -164,6 +164,8 @@ def feature_fields(f: Features, full: bool) -> dict[str, Any]:
         body["frequency_penalty"] = f.frequency_penalty
     if f.logit_bias:
         body["logit_bias"] = f.logit_bias
+    if f.ignore_eos:
+        body["ignore_eos"] = True
     if not full:
         return body
     if f.logprobs:
@@ -193,7 +195,8 @@ class UpstreamEngine:
     """An OpenAI-compatible HTTP server (``--engine openai``)."""
 
     name = "openai"
-    continuable = SAMPLING  # a continuation goes through /v1/completions (see the docstring)
+    # a continuation goes through /v1/completions (see the docstring)
+    continuable = SAMPLING | {Feature.IGNORE_EOS}
 
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
