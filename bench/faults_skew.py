@@ -13,7 +13,8 @@ correct worker ``ok`` they have three slots each (40 tokens/s, lease 0.6 s, hear
    generous ``X-Deadline-Ms`` (10 s) that must not cut it short.
 2. Through the gateway that may be skewed: a request whose deadline it meets (200), then,
    with every slot busy with long jobs, one whose deadline (1-2.5 s) cannot be met: a 504
-   ``deadline_exceeded`` within [deadline - 0.2 s, deadline + 2 s] of Redis's time (the
+   ``deadline_exceeded`` within [deadline - 0.2 s, deadline + 2 s] of Redis's time, or a 429
+   ``deadline_unattainable`` at once where admission already sees the backlog (the
    gateway looks at a deadline at least once a second; a host's ±30 s would show as a 504 at
    once or half a minute late).
 
@@ -243,11 +244,13 @@ async def deadlines(
         queued = await late.post("/v1/completions", json=body | {"deadline_ms": deadline_ms})
         took = time.monotonic() - started
         trial.detail |= {"deadline_ms": deadline_ms, "deadline_took_s": round(took, 3)}
-        code = queued.json().get("error", {}).get("code") if queued.status_code == 504 else None
+        code = queued.json().get("error", {}).get("code") if queued.status_code >= 400 else None
         trial.count("deadline_checks")
         over = took - deadline_ms / 1000  # the gateway looks at a deadline at least every 1 s
         trial.detail["deadline_late_s"] = round(over, 3)
-        if code != "deadline_exceeded" or not -0.2 <= over <= trial.detail["late_s"]:
+        if code == "deadline_unattainable":  # 429: admission saw the backlog, refused up front
+            trial.count("deadline_refused_upfront")
+        elif code != "deadline_exceeded" or not -0.2 <= over <= trial.detail["late_s"]:
             trial.count("deadline_misses")
             trial.errors.append(f"deadline {deadline_ms} ms: {queued.status_code}, {took:.2f} s")
         for job_id in long_ids:  # ~5 s each: many leases long, renewed by skewed workers too
