@@ -8,6 +8,7 @@ the ``CANCEL`` script, which appends the error event, so there is one path to th
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from types import TracebackType
 
@@ -121,7 +122,8 @@ class Dispatch:
             try:
                 if self._past_deadline():
                     await self._expire()
-                events = await self.events.next_until(min(end, time.monotonic() + 1.0))
+                now = time.monotonic()
+                events = await self.events.next_until(min(end, now + 1.0, now + self._left_s()))
                 if events:
                     self._note(events)
                     return events
@@ -143,6 +145,13 @@ class Dispatch:
                 self.first_token_at = time.monotonic()
         if self.observer is not None:
             self.observer.on_events(events)
+
+    def _left_s(self) -> float:
+        """Seconds until the deadline (a hair past it, so a wake-up finds it passed)."""
+        deadline = self.job.deadline_at_ms
+        if deadline is None:
+            return math.inf
+        return max(0.0, (deadline - self.clock.now_ms()) / 1000) + 0.002
 
     def _past_deadline(self) -> bool:
         deadline = self.job.deadline_at_ms

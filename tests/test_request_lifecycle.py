@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 from redis.asyncio import Redis
@@ -30,10 +31,13 @@ async def busy_stack_request(base: str, headers: dict[str, str], **body: object)
 async def test_deadline_passes_while_queued_is_504(redis: Redis, redis_url: str) -> None:
     settings = worker_settings(redis_url, max_seqs=1, sim_tokens_per_s=20.0)
     async with running_gateway(gateway_settings(redis_url)) as base, running_worker(settings):
-        blocker = asyncio.create_task(busy_stack_request(base, {}, max_tokens=20))
+        blocker = asyncio.create_task(busy_stack_request(base, {}, max_tokens=40))
         await asyncio.sleep(0.2)
+        began = time.monotonic()
         late = await busy_stack_request(base, {"X-Deadline-Ms": "300"}, max_tokens=5)
         assert late.status_code == 504
+        # answered at its deadline, not at the next once-a-second check (up to 2 s late before)
+        assert time.monotonic() - began < 1.0
         assert late.json()["error"]["code"] == "deadline_exceeded"
         job_id = late.headers["x-slipstream-job-id"]
         store = JobStore(redis, Keys(), ttl_s=60)
