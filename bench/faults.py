@@ -56,14 +56,27 @@ BEGIN, END = "<!-- faults:begin -->", "<!-- faults:end -->"
 
 
 async def sigstop(trials: int, streams: int = 10, tokens: int = 40) -> list[Trial]:
-    cluster = Cluster.start()
+    return await redis_fault_trials("sigstop", stop_redis, trials, streams, tokens)
+
+
+async def redis_fault_trials(
+    kind: str,
+    fault: Callable[[Cluster, Trial], Awaitable[None]],
+    trials: int,
+    streams: int,
+    tokens: int,
+    *,
+    aof: bool = False,
+) -> list[Trial]:
+    """``trials`` rounds of ``streams`` streams on one fleet, ``fault`` striking Redis in each."""
+    cluster = Cluster.start(aof=aof)
     out = []
     try:
         async with fleet(cluster.redis.url, cluster) as base:
             for n in range(trials):
-                trial = Trial("sigstop", n, streams)
-                pause = functools.partial(stop_redis, cluster, trial)
-                records = await run_streams(base, trial, tokens, pause)
+                trial = Trial(kind, n, streams)
+                strike = functools.partial(fault, cluster, trial)
+                records = await run_streams(base, trial, tokens, strike)
                 trial.recover_s = resumed_after(records, trial.detail["fault_end"])
                 out.append(report(trial))
     finally:
@@ -83,19 +96,7 @@ async def stop_redis(cluster: Cluster, trial: Trial) -> None:
 
 
 async def restart(trials: int, streams: int = 50, tokens: int = 40) -> list[Trial]:
-    cluster = Cluster.start(aof=True)
-    out = []
-    try:
-        async with fleet(cluster.redis.url, cluster) as base:
-            for n in range(trials):
-                trial = Trial("restart", n, streams)
-                crash = functools.partial(crash_redis, cluster, trial)
-                records = await run_streams(base, trial, tokens, crash)
-                trial.recover_s = resumed_after(records, trial.detail["fault_end"])
-                out.append(report(trial))
-    finally:
-        cluster.stop()
-    return out
+    return await redis_fault_trials("restart", crash_redis, trials, streams, tokens, aof=True)
 
 
 async def crash_redis(cluster: Cluster, trial: Trial) -> None:
