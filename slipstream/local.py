@@ -107,6 +107,11 @@ def run_local(engine: str, model: str, port: int, workers: int, gateway_processe
     except KeyboardInterrupt:
         return 0
     finally:
+        # a second Ctrl-C (or SIGTERM) while stopping must not leave children running:
+        # the stop is bounded anyway (15 s per child, then SIGKILL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("stopping: workers drain first, then the gateway and Redis", file=sys.stderr)
         _stop(children)
 
 
