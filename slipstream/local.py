@@ -71,7 +71,10 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def run_local(engine: str, model: str, port: int, workers: int, gateway_processes: int = 1) -> int:
-    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops everything like Ctrl-C
+    # SIGTERM stops everything like Ctrl-C; SIGINT too even when it came in ignored (a shell
+    # starts background jobs with SIGINT ignored, and Python then leaves it so)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     settings = CommonSettings()
     env = {
         **os.environ,
