@@ -234,7 +234,10 @@ class Admission:
     def _check_deadline(
         self, job: Job, fleet: Fleet, backlog: dict[Priority, tuple[int, int]]
     ) -> None:
-        if job.deadline_at_ms is None:
+        if job.deadline_at_ms is None or fleet.seq_speed == 0:
+            # no sequence finished yet: what the fleet measured is its first load (a few
+            # tokens over its first seconds), not its capacity; refusing on it turned a young
+            # fleet's first burst of long prompts away (the dispatcher's deadline still holds)
             return
         rate = self.rate_for(job.model, job.priority)
         ahead = sum(max(0, t) for p, (t, _) in backlog.items() if p.rank <= job.priority.rank)

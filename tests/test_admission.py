@@ -136,6 +136,16 @@ async def test_unknown_throughput_admits(redis: Redis, redis_url: str) -> None:
     assert response.status_code == 202
 
 
+async def test_young_fleet_measuring_its_first_load_admits(redis: Redis, redis_url: str) -> None:
+    """Before any sequence finished, a worker's measured rate is its load so far (a few
+    tokens/s in its first seconds), not its capacity: no deadline refusal on it."""
+    await plant_worker(redis, tokens_per_s=5.0, drain_tokens_per_s=5.0)  # no sequence speed
+    await queue_tokens(redis, 1000, n=3)  # 600 s at 5 tokens/s
+    async with running_gateway(gateway_settings(redis_url)) as base, httpx.AsyncClient() as c:
+        response = await c.post(f"{base}/v1/jobs", json=chat(deadline_ms=60_000))
+    assert response.status_code == 202, response.text
+
+
 async def test_queue_limits_keep_room_for_higher_priorities(redis: Redis, redis_url: str) -> None:
     await plant_worker(redis, tokens_per_s=100.0)
     gw = gateway_settings(redis_url, max_queue_jobs=10, queue_reserve=0.1)

@@ -56,10 +56,7 @@ async def converse(
 
 
 async def test_conversations_stay_warm_across_gateways(cluster: Cluster) -> None:
-    # admission off: a fleet this young measures its first tokens (its load, not its capacity)
-    # before any sequence finished, and a burst of long first turns could be refused with
-    # deadline_unattainable on a loaded machine; this test is about where jobs run
-    gateways = [cluster.gateway(SLIPSTREAM_ADMISSION="false") for _ in range(2)]
+    gateways = [cluster.gateway(), cluster.gateway()]
     for i in range(3):
         cluster.worker(f"w{i}", *SIM)
     await cluster.wait_workers(3)
