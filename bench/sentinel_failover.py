@@ -25,10 +25,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from shared.fleet import live_workers
 from shared.keys import Keys
 from shared.redis import connect
-from tests.faults.cluster import FAST_LEASES, Cluster, StreamRecord, stream_completion, wait_frames
+from tests.faults.cluster import (
+    FAST_LEASES,
+    Cluster,
+    StreamRecord,
+    stream_completion,
+    wait_frames,
+    wait_workers,
+)
 from tests.faults.sentinel import SentinelSet
 from worker.engines.sim import greedy_text
 
@@ -60,19 +66,6 @@ class Outcome:
         return out
 
 
-async def wait_workers(url: str, n: int, timeout: float = 30.0) -> None:
-    redis = connect(url)
-    try:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if len(await live_workers(redis, Keys(), 1.0)) >= n:
-                return
-            await asyncio.sleep(0.05)
-        raise TimeoutError(f"{n} workers did not register")
-    finally:
-        await redis.aclose()
-
-
 def start_fleet(group: SentinelSet, min_replicas: int) -> Cluster:
     """Two gateways and two sim workers, all on the Sentinel URL."""
     env = {
@@ -96,7 +89,7 @@ async def failover(streams: int, min_replicas: int, password: str | None = "s3cr
     outcome = Outcome(streams, min_replicas)
     try:
         cluster = start_fleet(group, min_replicas)
-        await wait_workers(group.url, 2)
+        await wait_workers(group.url, 2, 30.0)
         bases = [f"http://127.0.0.1:{p.port}" for p in cluster.procs if p.port]
         outcome.prompts = [f"failover {min_replicas} {i}" for i in range(streams)]
         outcome.records = [StreamRecord() for _ in range(streams)]

@@ -86,20 +86,7 @@ class Cluster:
         return self._spawn(f"worker-{worker_id}", ["worker", "--worker-id", worker_id, *args])
 
     async def wait_workers(self, n: int, timeout: float = 20.0) -> None:
-        from shared.fleet import live_workers
-        from shared.keys import Keys
-        from shared.redis import connect
-
-        redis = connect(self.redis.url)
-        try:
-            end = time.monotonic() + timeout
-            while time.monotonic() < end:
-                if len(await live_workers(redis, Keys(), 1.0)) >= n:
-                    return
-                await asyncio.sleep(0.05)
-            raise TimeoutError(f"{n} workers did not register")
-        finally:
-            await redis.aclose()
+        await wait_workers(self.redis.url, n, timeout)
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -232,3 +219,21 @@ def record_result(name: str, **figures: Any) -> None:
     os.makedirs("artifacts", exist_ok=True)
     with open("artifacts/faults.jsonl", "a") as out:
         out.write(json.dumps({"fault": name, **figures}) + "\n")
+
+
+async def wait_workers(url: str, n: int, timeout: float = 20.0) -> None:
+    """Until ``n`` workers are live in the registry of the Redis at ``url``."""
+    from shared.fleet import live_workers
+    from shared.keys import Keys
+    from shared.redis import connect
+
+    redis = connect(url)
+    try:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if len(await live_workers(redis, Keys(), 1.0)) >= n:
+                return
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"{n} workers did not register")
+    finally:
+        await redis.aclose()

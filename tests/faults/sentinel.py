@@ -121,13 +121,18 @@ class SentinelSet:
     def master_port(self) -> int:
         """The master as the first answering sentinel sees it."""
         for port, _ in self.sentinels:
-            try:
-                reply = self._ask(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
-            except redis.RedisError:
-                continue
-            assert isinstance(reply, list)
-            return int(reply[1])
+            if (master := self._master_seen_by(port)) is not None:
+                return master
         raise RuntimeError("no sentinel answers")
+
+    def _master_seen_by(self, port: int) -> int | None:
+        """The master's port as the sentinel on ``port`` names it (None: no answer)."""
+        try:
+            reply = self._ask(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
+        except redis.RedisError:
+            return None
+        assert isinstance(reply, list)
+        return int(reply[1])
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         """Every sentinel knows the others and the replicas, and the replicas are in sync."""
@@ -171,14 +176,8 @@ class SentinelSet:
         """Wait until every sentinel names a new master; returns its port."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            ports = set()
-            for port, _ in self.sentinels:
-                try:
-                    reply = self._ask(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
-                except redis.RedisError:
-                    continue
-                assert isinstance(reply, list)
-                ports.add(int(reply[1]))
+            seen = (self._master_seen_by(port) for port, _ in self.sentinels)
+            ports = {master for master in seen if master is not None}
             if len(ports) == 1 and old_port not in ports:
                 return ports.pop()
             time.sleep(0.05)
