@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 import redis
-from redis.cluster import key_slot
+from redis.crc import key_slot
 
 from tests.helpers import RedisProcess, free_port, wait_for_port
 
