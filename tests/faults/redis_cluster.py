@@ -60,9 +60,10 @@ class RedisClusterSet:
     def _start_node(self) -> RedisProcess:
         server = shutil.which("redis-server")
         assert server, "redis-server must be installed (scripts/install-system-deps.sh)"
-        port = free_port()
+        port, bus = free_port(), free_port()  # the default bus port, port + 10000, may be taken
         workdir = tempfile.mkdtemp(prefix="slip-rcluster-")
         args = [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir]
+        args += ["--cluster-port", str(bus)]
         args += ["--save", "", "--appendonly", "no", "--repl-diskless-sync-delay", "0"]
         args += ["--cluster-enabled", "yes", "--cluster-config-file", f"{workdir}/nodes.conf"]
         args += ["--cluster-node-timeout", str(self.node_timeout_ms)]
@@ -70,9 +71,13 @@ class RedisClusterSet:
         args += ["--cluster-replica-validity-factor", "0"]
         if self.password:
             args += ["--requirepass", self.password, "--masterauth", self.password]
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
-        wait_for_port(port)
-        return RedisProcess(port, proc, workdir, args)
+        node = RedisProcess(port, subprocess.Popen(args, stdout=subprocess.DEVNULL), workdir, args)
+        try:
+            wait_for_port(port)
+        except BaseException:
+            node.stop(kill=True)
+            raise
+        return node
 
     def _create(self) -> None:
         cli = shutil.which("redis-cli")
@@ -152,9 +157,14 @@ class RedisClusterSet:
         """The master port serving ``key`` (a ``{tag}`` in it decides, as in shared/keys.py)."""
         return self.master_of_slot(key_slot(key.encode()))
 
-    def master_for_model(self, model: str) -> int:
+    @staticmethod
+    def slot_of_model(model: str) -> int:
         """Every per-model key is tagged ``{model}``: the model's slot is ``key_slot(model)``."""
-        return self.master_of_slot(key_slot(model.encode()))
+        return key_slot(model.encode())
+
+    def master_for_model(self, model: str) -> int:
+        """The master port serving every per-model key of ``model``."""
+        return self.master_of_slot(self.slot_of_model(model))
 
     def models_on_distinct_masters(self, n: int, prefix: str = "shard-model") -> list[str]:
         """``n`` model names (``prefix-i``) whose keys land on ``n`` different masters."""
@@ -162,7 +172,7 @@ class RedisClusterSet:
         chosen: dict[int, str] = {}
         for i in range(10_000):
             name = f"{prefix}-{i}"
-            chosen.setdefault(owners[key_slot(name.encode())], name)
+            chosen.setdefault(owners[self.slot_of_model(name)], name)
             if len(chosen) == n:
                 return list(chosen.values())
         raise RuntimeError(f"fewer than {n} masters serve slots")
