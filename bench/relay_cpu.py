@@ -76,10 +76,18 @@ class _Client:
         self.proc.wait()
 
 
-def _profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+def py_spy() -> str | None:
+    """py-spy's path (on PATH or in the venv), or None with a line saying it is missing."""
     spy = shutil.which("py-spy") or str(Path(PYTHON).parent / "py-spy")
     if not Path(spy).exists():
         print("profile skipped: py-spy not installed (pip install py-spy)", file=sys.stderr)
+        return None
+    return spy
+
+
+def _profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+    spy = py_spy()
+    if spy is None:
         return None
     args = [spy, "record", "--pid", str(pid), "--duration", str(int(seconds))]
     args += ["--format", "raw", "--rate", "250", "--nonblocking", "--output", str(out)]

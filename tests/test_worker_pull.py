@@ -154,6 +154,31 @@ async def test_pull_says_when_nothing_else_is_waiting(redis: Redis) -> None:
     assert taken.next_lease_ms > 50_000  # both leases run for a minute
 
 
+async def test_marks_wake_on_what_comes_next_only(redis: Redis) -> None:
+    """The marks an empty pull returns: an XREAD from them sees nothing already queued or
+    delivered (no busy loop), and sees the next job, also after the streams' newest entries
+    were deleted (a mark is then older than the stream's last generated id)."""
+    store, keys = store_for(redis), Keys()
+    pull = {"free_tokens": 10_000, "idle": True, "lease_ms": 60_000, "aging_ms": {}}
+    for _ in range(3):
+        await store.enqueue(make_job())
+    for _ in range(3):
+        await store.pull("sim-model", "w", max_deliveries=3, **pull)  # type: ignore[arg-type]
+    names = [*keys.queues("sim-model"), keys.wake("sim-model")]  # highest priority first
+    normal = names[1]
+    newest = (await redis.xrevrange(normal, count=1))[0][0]
+    await redis.xdel(normal, newest)  # the newest entry gone: last-generated-id is ahead
+    empty = await store.pull("sim-model", "w", max_deliveries=3, **pull)  # type: ignore[arg-type]
+    assert empty.kind == "empty" and len(empty.last_ids) == 4
+    streams = dict(zip(names, empty.last_ids, strict=True))
+    assert await redis.xread(streams, block=50) == []  # nothing new: it blocks
+    job = make_job()
+    await store.enqueue(job)
+    woke = await redis.xread(streams, block=1000)
+    assert [name for name, _ in woke] == [normal]
+    assert [entry["job"] for _, entry in woke[0][1]] == [job.id]
+
+
 async def test_short_job_is_written_in_two_batches(redis: Redis, redis_url: str) -> None:
     """``started`` rides with the first token and the end with the last tokens: a job that
     generates within the coalescing interval costs two writes, not one per event kind."""

@@ -164,13 +164,13 @@ local function idle_marks(out)
     end
   end
   out[#out + 1] = next_at and math.max(0, next_at - now) or -1
+  -- A mark is the stream's last entry (0-0: none), not XINFO STREAM's last-generated-id:
+  -- when the newest entries were deleted it is older than that id, which is safe (an XREAD
+  -- from it returns only entries added later, as none between the two exist), and it costs
+  -- half as much (XINFO STREAM also renders the first and last entries, ~6 us each here).
   for i = 1, #queues + 1 do  -- the queues, then the wake stream
-    local ok, info = pcall(redis.call, 'XINFO', 'STREAM', queues[i] or wake)
-    local last = '0-0'
-    if ok then
-      for k = 1, #info, 2 do if info[k] == 'last-generated-id' then last = info[k + 1] end end
-    end
-    out[#out + 1] = last
+    local last = redis.call('XREVRANGE', queues[i] or wake, '+', '-', 'COUNT', 1)[1]
+    out[#out + 1] = last and last[1] or '0-0'
   end
   return out
 end
