@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import structlog
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.backlog_cache import BacklogCache
@@ -51,6 +50,7 @@ from shared.errors import InvalidRequest, Overloaded
 from shared.fleet import live_workers
 from shared.keys import CONSUMER_GROUP, Keys
 from shared.models import Job, JobState, Priority, WorkerInfo
+from shared.redis import RedisClient
 
 log = structlog.get_logger("slipstream.gateway")
 INFLOW_WINDOW_S = 5.0  # admitted tokens per priority are counted over this window
@@ -81,7 +81,7 @@ class QueuePosition(NamedTuple):
 
 
 class Admission:
-    def __init__(self, redis: Redis, keys: Keys, settings: GatewaySettings) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys, settings: GatewaySettings) -> None:
         self.redis = redis
         self.keys = keys
         self.settings = settings

@@ -22,11 +22,11 @@ import secrets
 from enum import StrEnum
 
 from pydantic import BaseModel, Field
-from redis.asyncio import Redis
 
 from shared.jobs import now_ms
 from shared.keys import Keys
 from shared.models import Priority
+from shared.redis import RedisClient
 
 KEY_PREFIX = "sk-slip-"
 ID_CHARS = 12
@@ -92,7 +92,7 @@ def hash_key(secret: str) -> str:
 
 
 async def create_key(
-    redis: Redis,
+    redis: RedisClient,
     keys: Keys,
     tenant: str,
     *,
@@ -125,7 +125,7 @@ async def create_key(
     return secret, record
 
 
-async def lookup(redis: Redis, keys: Keys, secret: str) -> ApiKey | None:
+async def lookup(redis: RedisClient, keys: Keys, secret: str) -> ApiKey | None:
     """The record of a presented key, or None when there is no such key."""
     if not secret.startswith(KEY_PREFIX) or len(secret) > 128:
         return None
@@ -134,7 +134,7 @@ async def lookup(redis: Redis, keys: Keys, secret: str) -> ApiKey | None:
     return ApiKey.from_fields(key_hash, raw) if raw.get("tenant") else None
 
 
-async def list_keys(redis: Redis, keys: Keys) -> list[ApiKey]:
+async def list_keys(redis: RedisClient, keys: Keys) -> list[ApiKey]:
     hashes: set[str] = await redis.smembers(keys.api_keys)  # type: ignore[misc]
     ordered = sorted(hashes)
     async with redis.pipeline(transaction=False) as pipe:
@@ -145,7 +145,7 @@ async def list_keys(redis: Redis, keys: Keys) -> list[ApiKey]:
     return sorted(found, key=lambda k: (k.tenant, k.created_at_ms))
 
 
-async def revoke_key(redis: Redis, keys: Keys, id_prefix: str) -> ApiKey:
+async def revoke_key(redis: RedisClient, keys: Keys, id_prefix: str) -> ApiKey:
     """Revoke the one key whose id starts with ``id_prefix`` (at least 6 characters)."""
     if len(id_prefix) < 6:
         raise ValueError("give at least 6 characters of the key id")

@@ -38,7 +38,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         redis = connect(settings.redis_url, client_name="slipstream-gateway")
         keys = Keys(settings.prefix)
-        mux = PubSubMultiplexer(redis, queue_size=settings.listener_queue_batches, home_channel="")
+        mux = PubSubMultiplexer(redis, queue_size=settings.listener_queue_batches)
         await mux.start()
         state = GatewayState(
             settings=settings,
@@ -60,6 +60,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         )
         await state.admission.start()
         state.metrics.track_open_streams(lambda: len(state.open_streams))
+        state.metrics.track_pubsub_reconnects(lambda: mux.reconnects)
         app.state.gateway = state
         log.info("gateway_started", host=settings.host, port=settings.port)
         try:

@@ -14,17 +14,16 @@ from __future__ import annotations
 import asyncio
 import time
 
-from redis.asyncio import Redis
-
 from shared.jobs import read_backlog
 from shared.keys import Keys
 from shared.models import Priority
+from shared.redis import RedisClient
 
 Backlog = dict[Priority, tuple[int, int]]  # queued (tokens, jobs) per priority
 
 
 class BacklogCache:
-    def __init__(self, redis: Redis, keys: Keys, max_age_s: float) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys, max_age_s: float) -> None:
         self.redis = redis
         self.keys = keys
         self.max_age_s = max_age_s

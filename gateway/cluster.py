@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.fleet import known_models, live_workers
 from shared.jobs import read_backlog
 from shared.keys import CONSUMER_GROUP, Keys
 from shared.models import Priority, WorkerInfo
+from shared.redis import RedisClient
 
 if TYPE_CHECKING:  # the state holds the metrics, which hold snapshots of this module
     from gateway.state import GatewayState
@@ -67,7 +67,7 @@ def _group(reply: Any, length: int) -> tuple[int, int]:
     return length, 0
 
 
-async def _queues(redis: Redis, keys: Keys, models: list[str]) -> list[QueueStats]:
+async def _queues(redis: RedisClient, keys: Keys, models: list[str]) -> list[QueueStats]:
     pairs = [(m, p) for m in models for p in Priority.ordered()]
     async with redis.pipeline(transaction=False) as pipe:
         for m, p in pairs:
@@ -102,7 +102,7 @@ def _models(models: list[str], workers: list[WorkerInfo]) -> list[ModelStats]:
 
 
 async def read_cluster(
-    redis: Redis, keys: Keys, *, worker_ttl_s: float, models: list[str] | None = None
+    redis: RedisClient, keys: Keys, *, worker_ttl_s: float, models: list[str] | None = None
 ) -> ClusterSnapshot:
     """Queues of every known model (and ``models``), and the live workers' capacity."""
     workers = await live_workers(redis, keys, worker_ttl_s)

@@ -1,4 +1,5 @@
-"""One pub/sub connection per gateway process, fanned out to bounded per-stream queues.
+"""Every stream's pub/sub subscription in a gateway process, fanned out to bounded
+per-stream queues (the connections themselves: ``shared/pubsub.py``).
 
 Listeners never block the reader: when a listener's queue is full its message is dropped and
 the listener is marked ``lagging``; it then repairs from the job's event log (the source of
@@ -12,18 +13,17 @@ stream waits for its next event many times a second at scale, and a timer (or an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
-import uuid
-from typing import Any, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
 import structlog
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from shared.aio import cancel_and_wait
+from shared.pubsub import KEEPALIVE_S, ShardedSubscriber
+from shared.redis import RedisClient
 
 log = structlog.get_logger("slipstream.gateway")
 
@@ -145,56 +145,40 @@ class Listener:
 
 
 class PubSubMultiplexer:
-    def __init__(self, redis: Redis, *, queue_size: int, home_channel: str = "") -> None:
-        self.redis = redis
+    """Every stream's subscription, over one ``ShardedSubscriber`` (a pub/sub connection per
+    Redis node owning subscribed channels: one on a single server, one per shard in Redis
+    Cluster). A lost connection sends its channels' streams to their logs (``on_lost``)."""
+
+    def __init__(self, redis: RedisClient, *, queue_size: int) -> None:
         self.queue_size = queue_size
-        self.home_channel = home_channel or f"slip:gateway:{uuid.uuid4().hex}"
         self.listeners: dict[str, set[Listener]] = {}
-        self.pubsub: PubSub | None = None
-        self.reconnects = 0
+        self.subscriber = ShardedSubscriber(redis, self._deliver, self._lost)
         self.deadlines = Deadlines()
         # channels no stream listens to any more: unsubscribed in one command per tick (a
         # command per finished stream was a round trip of Redis's time per request)
         self._leaving: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
 
+    @property
+    def reconnects(self) -> int:
+        """Pub/sub connections lost (and re-established) so far, over every node."""
+        return self.subscriber.reconnects
+
     async def start(self) -> None:
-        await self._connect()
-        self._tasks = [
-            asyncio.create_task(self._read_loop(), name="pubsub-multiplexer"),
-            asyncio.create_task(self._tick_loop(), name="stream-deadlines"),
-        ]
+        self._tasks = [asyncio.create_task(self._tick_loop(), name="stream-deadlines")]
 
     async def close(self) -> None:
         await cancel_and_wait(self._tasks)
-        if self.pubsub is not None:
-            await self._release(self.pubsub)
+        await self.subscriber.close()
 
-    async def _connect(self) -> None:
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(self.home_channel, *self.listeners)
-        self._leaving.clear()  # a new connection subscribes only to what is listened to
-        if pubsub.connection is not None:  # redis-py reconnects (and resubscribes) by itself
-            pubsub.connection.register_connect_callback(self._reconnected)
-        self.pubsub = pubsub
+    def _deliver(self, channel: str, data: str) -> None:
+        for listener in self.listeners.get(channel, ()):
+            listener.deliver(data)
 
-    async def _reconnected(self, _connection: object) -> None:
-        """redis-py re-established the pub/sub connection on its own (its retry policy):
-        whatever was published while it was down is lost, so every stream repairs from the log."""
-        log.warning("pubsub_reconnected")
-        self.reconnects += 1
-        self._mark_all_lagging()
-
-    def _mark_all_lagging(self) -> None:
-        for group in self.listeners.values():
-            for listener in group:
+    def _lost(self, channels: Iterable[str]) -> None:
+        for channel in channels:
+            for listener in self.listeners.get(channel, ()):
                 listener.mark_lagging()
-
-    async def _release(self, pubsub: PubSub) -> None:
-        if pubsub.connection is not None:
-            pubsub.connection.deregister_connect_callback(self._reconnected)
-        with contextlib.suppress(RedisError, OSError):
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def subscribe(self, channel: str) -> Listener:
         listener = Listener(channel, self.queue_size, self.deadlines)
@@ -202,11 +186,11 @@ class PubSubMultiplexer:
         group.add(listener)
         if len(group) == 1 and channel in self._leaving:
             self._leaving.discard(channel)  # never left: still subscribed
-        elif len(group) == 1 and self.pubsub is not None:
+        elif len(group) == 1:
             try:
-                await self.pubsub.subscribe(channel)
+                await self.subscriber.subscribe(channel)
             except (RedisError, OSError):
-                listener.mark_lagging()  # the reconnect resubscribes; the log has the events
+                listener.mark_lagging()  # repaired in the background; the log has the events
         return listener
 
     async def unsubscribe(self, listener: Listener) -> None:
@@ -216,62 +200,19 @@ class PubSubMultiplexer:
         group.discard(listener)
         if not group:
             del self.listeners[listener.channel]
-            self._leaving.add(listener.channel)  # one UNSUBSCRIBE for many, at the next tick
+            self._leaving.add(listener.channel)  # one SUNSUBSCRIBE for many, at the next tick
 
     async def _tick_loop(self) -> None:
-        """Drives the ``Deadlines`` wheel that every stream's timeouts share."""
+        """Drives the ``Deadlines`` wheel that every stream's timeouts share, the batched
+        unsubscribes, and the subscriber's keepalive."""
+        next_keepalive = time.monotonic() + KEEPALIVE_S
         while True:
             await asyncio.sleep(self.deadlines.tick)
-            self.deadlines.fire(time.monotonic())
-            if self._leaving and self.pubsub is not None:
+            now = time.monotonic()
+            self.deadlines.fire(now)
+            if self._leaving:
                 channels, self._leaving = list(self._leaving), set()
-                with contextlib.suppress(RedisError, OSError):  # a reconnect forgets them anyway
-                    await self.pubsub.unsubscribe(*channels)
-
-    async def _read_loop(self) -> None:
-        while True:
-            try:
-                assert self.pubsub is not None
-                reply = await self._read(self.pubsub)
-                if reply is None:
-                    continue
-                if reply[0] == "message":
-                    for listener in self.listeners.get(reply[1], ()):
-                        listener.deliver(reply[2])
-                else:  # (un)subscribe confirmations: redis-py keeps its bookkeeping
-                    await self.pubsub.handle_message(reply, True)  # type: ignore[no-untyped-call]
-            except (RedisError, OSError) as exc:
-                log.warning("pubsub_lost", error=str(exc))
-                await self._reconnect()
-
-    @staticmethod
-    async def _read(pubsub: PubSub) -> Any:
-        """The next reply on the pub/sub connection, straight from redis-py's parser.
-
-        ``PubSub.get_message`` cost ~7 µs per message at 1,000 streams (a health check, the
-        retry wrapper, an ``asyncio.timeout`` per read, a dict per message); this is the one
-        read it makes, without the rest. Nothing is lost by it: a dead connection raises here,
-        and ``_reconnect`` opens a new one and sends every stream to its log, as before.
-        """
-        conn = pubsub.connection
-        if conn is None:
-            raise RedisError("pub/sub connection not set")
-        parser: Any = getattr(conn, "_parser", None)
-        if parser is None:  # a redis-py without the attribute: its public, slower read
-            return await conn.read_response(timeout=1.0, disconnect_on_error=False)
-        return await parser.read_response()
-
-    async def _reconnect(self) -> None:
-        old, self.pubsub = self.pubsub, None
-        if old is not None:
-            await self._release(old)
-        delay = 0.05
-        while True:
-            try:
-                await self._connect()
-                break
-            except (RedisError, OSError):
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-        self.reconnects += 1
-        self._mark_all_lagging()
+                await self.subscriber.unsubscribe(channels)
+            if now >= next_keepalive:
+                next_keepalive = now + KEEPALIVE_S
+                await self.subscriber.keepalive()

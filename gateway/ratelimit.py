@@ -21,12 +21,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
-
 from gateway.apikeys import ApiKey
 from shared.errors import RateLimited
 from shared.keys import Keys
 from shared.models import Job
+from shared.redis import RedisClient
 
 WINDOW_MS = 60_000
 CHARGE_TTL_MS = WINDOW_MS  # longer than any replay: redis-py gives up within seconds
@@ -93,9 +92,11 @@ class Limit:
 
 
 class RateLimits:
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys) -> None:
         self.redis, self.keys = redis, keys
-        self.script = redis.register_script(CHARGE)  # EVALSHA, loaded again on NOSCRIPT
+        # EVALSHA, loaded again on NOSCRIPT (redis-py types it for ``Redis``; the cluster client
+        # runs it the same way, routed by its keys)
+        self.script = redis.register_script(CHARGE)  # type: ignore[misc]
 
     async def charge(self, key: ApiKey | None, job: Job) -> dict[str, str]:
         """Charge ``job`` to ``key``'s budgets; the headers to send, or ``RateLimited``.

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
-from redis.asyncio import Redis
 from starlette.requests import Request
 
 from gateway.admission import Admission
@@ -15,12 +14,13 @@ from gateway.ratelimit import RateLimits
 from gateway.settings import GatewaySettings
 from shared.jobs import JobStore
 from shared.keys import Keys
+from shared.redis import RedisClient
 
 
 @dataclass(slots=True)
 class GatewayState:
     settings: GatewaySettings
-    redis: Redis
+    redis: RedisClient
     keys: Keys
     store: JobStore
     mux: PubSubMultiplexer

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import time
 
-from redis.asyncio import Redis
+from shared.redis import RedisClient
 
 
-async def redis_now_ms(redis: Redis) -> int:
+async def redis_now_ms(redis: RedisClient) -> int:
     seconds, micros = await redis.time()
     return int(seconds) * 1000 + int(micros) // 1000
 
@@ -27,7 +27,7 @@ class RedisClock:
     def __init__(self) -> None:
         self.offset_ms = 0
 
-    async def sync(self, redis: Redis) -> None:
+    async def sync(self, redis: RedisClient) -> None:
         before = time.time()
         remote = await redis_now_ms(redis)
         after = time.time()

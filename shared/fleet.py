@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
-
 from shared.clock import redis_now_ms
 from shared.keys import Keys
 from shared.models import WorkerInfo
+from shared.redis import RedisClient
 
 
-async def live_workers(redis: Redis, keys: Keys, ttl_s: float) -> list[WorkerInfo]:
+async def live_workers(redis: RedisClient, keys: Keys, ttl_s: float) -> list[WorkerInfo]:
     """Workers whose last heartbeat is younger than ``ttl_s`` by Redis's clock, the one
     heartbeats are stamped with (shared by status tools)."""
     cutoff = await redis_now_ms(redis) - int(ttl_s * 1000)
@@ -20,7 +19,7 @@ async def live_workers(redis: Redis, keys: Keys, ttl_s: float) -> list[WorkerInf
     return [WorkerInfo.model_validate_json(r) for r in rows if r]
 
 
-async def known_models(redis: Redis, keys: Keys) -> set[str]:
+async def known_models(redis: RedisClient, keys: Keys) -> set[str]:
     """Every model a worker has ever served."""
     members: set[str] = await redis.smembers(keys.models)  # type: ignore[misc]
     return {str(m) for m in members}

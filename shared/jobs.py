@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import structlog
-from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from shared import scripts
 from shared.affinity import AffinityPolicy
 from shared.keys import CONSUMER_GROUP, Keys
 from shared.models import EventBatch, Job, JobState, Priority
+from shared.redis import RedisClient
 
 log = structlog.get_logger("slipstream.jobs")
 
@@ -67,7 +67,7 @@ class JobStore:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         keys: Keys,
         *,
         ttl_s: int,
@@ -433,7 +433,9 @@ __all__ = [
 ]
 
 
-async def read_backlog(redis: Redis, keys: Keys, model: str) -> dict[Priority, tuple[int, int]]:
+async def read_backlog(
+    redis: RedisClient, keys: Keys, model: str
+) -> dict[Priority, tuple[int, int]]:
     """Queued (tokens, jobs) per priority for ``model``: what admission weighs a request against."""
     raw: dict[str, str] = await redis.hgetall(keys.backlog(model))  # type: ignore[misc]
     return {

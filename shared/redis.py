@@ -1,12 +1,22 @@
-"""The one way to open a Redis connection: timeouts on, retries with jittered backoff, and
-Sentinel-managed masters (``redis+sentinel://``) for high availability."""
+"""The one way to open a Redis connection: timeouts on, retries with jittered backoff,
+Sentinel-managed masters (``redis+sentinel://``) for high availability, and Redis Cluster
+(``redis+cluster://``) for scale.
+
+``RedisClient`` is what every Slipstream module holds: a ``Redis`` (one server, or the master
+a Sentinel set names) or a ``RedisCluster``. Code written against it uses only what both
+offer: commands, non-transactional pipelines, the scripts of ``shared/scripts.py``. Pub/sub
+is not among them (the asyncio cluster client has none): ``shared/pubsub.py`` opens its own
+connections, through ``open_node_connection``, to whichever node owns a channel.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar, overload
+from typing import Any, TypeAlias, TypeVar, overload
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import EqualJitterBackoff
@@ -14,8 +24,9 @@ from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.settings import SentinelUrl, parse_sentinel_url
+from shared.settings import ClusterUrl, SentinelUrl, parse_cluster_url, parse_sentinel_url
 
+RedisClient: TypeAlias = Redis | RedisCluster
 T = TypeVar("T")
 R = TypeVar("R", bound=Redis)
 
@@ -72,7 +83,7 @@ def connect(
     max_connections: int | None = 512,
     client_name: str | None = None,
     decode_responses: bool = True,
-) -> Redis: ...
+) -> RedisClient: ...
 
 
 @overload
@@ -95,9 +106,10 @@ def connect(
     client_name: str | None = None,
     decode_responses: bool = True,
     redis_class: type[Redis] = Redis,
-) -> Redis:
-    """A pooled async client for ``url``: ``redis://``, ``rediss://``, ``unix://``, or a
-    Sentinel URL (``redis+sentinel://``, ``rediss+sentinel://``; ``shared/settings.py``).
+) -> RedisClient:
+    """A pooled async client for ``url``: ``redis://``, ``rediss://``, ``unix://``, a
+    Sentinel URL (``redis+sentinel://``, ``rediss+sentinel://``) or a Cluster URL
+    (``redis+cluster://``, ``rediss+cluster://``; ``shared/settings.py``).
 
     ``socket_timeout`` bounds every reply; blocking commands pass a smaller ``BLOCK`` than it.
     Connection errors are retried with equal-jitter backoff so that a fleet reconnecting after
@@ -122,6 +134,9 @@ def connect(
     target = parse_sentinel_url(url)
     if target is not None:
         return _sentinel_master(target, redis_class, options)
+    nodes = parse_cluster_url(url)
+    if nodes is not None:
+        return _cluster(nodes, options)
     pool = BlockingConnectionPool.from_url(url, **options)
     return redis_class.from_pool(pool)  # aclose() closes the pool too
 
@@ -148,7 +163,61 @@ def _sentinel_master(
         db=target.db,
         username=target.username,
         password=target.password,
+        # a map with a dead master's slots uncovered still serves the other shards
+        require_full_coverage=False,
         **tls,
         **options,
     )
     return client
+
+
+def _cluster(target: ClusterUrl, options: dict[str, Any]) -> RedisCluster:
+    """A Redis Cluster client starting from ``target``'s nodes.
+
+    A node's connection retries (``retry``) span a failover: a command to a master that died
+    keeps reconnecting with backoff until redis-py gives up on the node, refreshes the slot
+    map and sends the command to the promoted replica. Connections per node are not capped
+    (redis-py's cluster client fails, rather than waits, past its cap).
+    """
+    tls: dict[str, Any] = {"ssl": True, **target.tls_options} if target.tls else {}
+    options = {k: v for k, v in options.items() if k not in ("max_connections", "timeout")}
+    client: RedisCluster = RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+        username=target.username,
+        password=target.password,
+        # a map with a dead master's slots uncovered still serves the other shards
+        require_full_coverage=False,
+        **tls,
+        **options,
+    )
+    return client
+
+
+async def open_node_connection(client: RedisClient, key: str) -> AbstractConnection:
+    """A new connection, outside any pool, to the node that owns ``key``'s slot (the one
+    server, or under Sentinel the current master): for a pub/sub connection that must
+    stay on one node. The caller disconnects it."""
+    if isinstance(client, RedisCluster):
+        await client.initialize()  # no-op unless a failure asked for a fresh slot map
+        node = client.nodes_manager.get_node_from_slot(client.keyslot(key))
+        connection: AbstractConnection = node.connection_class(**node.connection_kwargs)
+    else:
+        connection = client.connection_pool.make_connection()  # type: ignore[assignment]
+    await connection.connect()  # type: ignore[no-untyped-call]
+    return connection
+
+
+def node_name(client: RedisClient, key: str) -> str:
+    """The ``host:port`` of the node owning ``key``'s slot as the client knows it now ('' for
+    a single server: there is one)."""
+    if isinstance(client, RedisCluster):
+        name: str = client.nodes_manager.get_node_from_slot(client.keyslot(key)).name
+        return name
+    return ""
+
+
+def forget_slot_map(client: RedisClient) -> None:
+    """Make a cluster client re-read the slot map before its next command (after a node it
+    used failed or answered MOVED); nothing for a single server."""
+    if isinstance(client, RedisCluster):
+        client._initialize = True  # redis-py's own flag, set the same way on a failed node

@@ -37,10 +37,10 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from shared.keys import LUA_NAMES
+from shared.redis import RedisClient
 
 # ``local name = <expression with KEYS[i] or ARGV[i]>  -- comment``, or a list-valued last
 # entry ``local name = {unpack(KEYS, i)}  -- comment``
@@ -77,7 +77,7 @@ class Script:
             args.extend(named[self.arg_tail])
         return keys, args
 
-    async def call(self, redis: Redis, **named: Any) -> Any:
+    async def call(self, redis: RedisClient, **named: Any) -> Any:
         """Run it by its hash; on ``NOSCRIPT`` load it and run it again."""
         keys, args = self.bind(named)
         try:
@@ -89,9 +89,11 @@ class Script:
     def queue(self, pipe: Any, **named: Any) -> None:
         """Queue a run by hash on a pipeline (its reply may be ``NoScriptError``: ``load``)."""
         keys, args = self.bind(named)
-        pipe.evalsha(self.sha, len(keys), *keys, *args)
+        # the raw command: redis-py's cluster pipeline refuses its ``evalsha`` method (it
+        # cannot know the keys' slots, it says) but routes the command by them all the same
+        pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
 
-    async def load(self, redis: Redis) -> None:
+    async def load(self, redis: RedisClient) -> None:
         """Make Redis know the script (``SCRIPT LOAD``; the hash is the same)."""
         await redis.script_load(self.source)
 

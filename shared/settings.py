@@ -10,6 +10,13 @@ a server: every process asks them for the current master, and asks again after a
 ``sentinel_username``/``sentinel_password`` options (most deployments protect them
 separately). ``rediss+sentinel`` speaks TLS to both; ``ssl_ca_certs``, ``ssl_certfile``,
 ``ssl_keyfile`` and ``ssl_cert_reqs`` (``required``, ``optional``, ``none``) tune it.
+
+Cluster URLs (``redis+cluster://``, ``rediss+cluster://``) name some of a Redis Cluster's
+nodes (any reachable one is enough; the client learns the rest and follows the slots)::
+
+    redis+cluster://[[user]:password@]host1:port[,host2:port...][?options]
+
+Redis Cluster has only database 0; the TLS options are the Sentinel URL's.
 """
 
 from __future__ import annotations
@@ -17,13 +24,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}  # scheme -> TLS
 SENTINEL_PORT = 26379
 _TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
 _OPTIONS = ("sentinel_username", "sentinel_password", *_TLS_OPTIONS)
+CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}  # scheme -> TLS
 
 
 @dataclass(frozen=True)
@@ -41,17 +49,28 @@ class SentinelUrl:
     tls_options: dict[str, str] = field(default_factory=dict)
 
 
-def _host_port(part: str) -> tuple[str, int]:
+def _host_port(part: str, default_port: int = SENTINEL_PORT) -> tuple[str, int]:
     if part.startswith("["):  # [::1]:26379
         host, _, rest = part[1:].partition("]")
         port = rest.removeprefix(":")
     else:
         host, _, port = part.partition(":")
     if not host:
-        raise ValueError(f"a sentinel address has no host: {part!r}")
+        raise ValueError(f"an address has no host: {part!r}")
     if port and not port.isdigit():
-        raise ValueError(f"a sentinel port is not a number: {part!r}")
-    return host, int(port) if port else SENTINEL_PORT
+        raise ValueError(f"a port is not a number: {part!r}")
+    return host, int(port) if port else default_port
+
+
+def _userinfo(netloc: str) -> tuple[str, str, str]:
+    """``(username, password, hosts)`` of ``[[user]:password@]hosts`` (percent-decoded)."""
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not at:
+        hosts, userinfo = netloc, ""
+    username, colon, password = userinfo.partition(":")
+    if not colon:  # "user@" alone is a password, as redis-py reads "redis://secret@host"
+        username, password = "", username
+    return unquote(username), unquote(password), hosts
 
 
 def parse_sentinel_url(url: str) -> SentinelUrl | None:
@@ -64,12 +83,7 @@ def parse_sentinel_url(url: str) -> SentinelUrl | None:
         return None
     rest, _, query = rest.partition("?")
     netloc, _, path = rest.partition("/")
-    userinfo, at, hosts = netloc.rpartition("@")
-    if not at:
-        hosts, userinfo = netloc, ""
-    username, colon, password = userinfo.partition(":")
-    if not colon:  # "user@" alone is a password, as redis-py reads "redis://secret@host"
-        username, password = "", username
+    username, password, hosts = _userinfo(netloc)
     sentinels = tuple(_host_port(h) for h in hosts.split(",") if h)
     service, _, db = path.strip("/").partition("/")
     if not sentinels or not service:
@@ -84,13 +98,58 @@ def parse_sentinel_url(url: str) -> SentinelUrl | None:
         sentinels=sentinels,
         service=unquote(service),
         db=int(db or 0),
-        username=unquote(username) or None,
-        password=unquote(password) or None,
+        username=username or None,
+        password=password or None,
         sentinel_username=options.get("sentinel_username") or None,
         sentinel_password=options.get("sentinel_password") or None,
         tls=SENTINEL_SCHEMES[scheme.lower()],
         tls_options={k: v for k, v in options.items() if k in _TLS_OPTIONS},
     )
+
+
+@dataclass(frozen=True)
+class ClusterUrl:
+    """A parsed ``redis+cluster://`` URL: nodes to start from, login and TLS."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    tls_options: dict[str, str] = field(default_factory=dict)
+
+
+def parse_cluster_url(url: str) -> ClusterUrl | None:
+    """The Cluster URL's parts, or None when ``url`` is not a Cluster URL.
+
+    Raises ``ValueError`` for a malformed one: no node, a database other than 0 (Redis
+    Cluster has one), or an unknown option."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in CLUSTER_SCHEMES:
+        return None
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    username, password, hosts = _userinfo(netloc)
+    nodes = tuple(_host_port(h, 6379) for h in hosts.split(",") if h)
+    if not nodes:
+        raise ValueError("a Cluster URL needs at least one node")
+    if path.strip("/") not in ("", "0"):
+        raise ValueError(f"Redis Cluster has only database 0, not {path.strip('/')!r}")
+    options = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = sorted(set(options) - set(_TLS_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown Cluster URL option(s): {', '.join(unknown)}")
+    return ClusterUrl(
+        nodes=nodes,
+        username=username or None,
+        password=password or None,
+        tls=CLUSTER_SCHEMES[scheme.lower()],
+        tls_options=options,
+    )
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (no validation: ``parse_cluster_url`` does it)."""
+    return url.partition("://")[0].lower() in CLUSTER_SCHEMES
 
 
 class CommonSettings(BaseSettings):
@@ -104,7 +163,8 @@ class CommonSettings(BaseSettings):
         description=(
             "Redis to meet in (redis://, rediss:// for TLS, unix://, or Sentinel: "
             "redis+sentinel://[:password@]host:26379,host2:26379/service[/db], "
-            "rediss+sentinel:// for TLS)"
+            "rediss+sentinel:// for TLS; Redis Cluster: "
+            "redis+cluster://[:password@]host:port,host2:port, rediss+cluster:// for TLS)"
         ),
     )
     redis_min_replicas: int = Field(
@@ -140,4 +200,14 @@ class CommonSettings(BaseSettings):
     @classmethod
     def _known_url(cls, url: str) -> str:
         parse_sentinel_url(url)  # a malformed Sentinel URL fails at start, not at first use
+        parse_cluster_url(url)
         return url
+
+    @model_validator(mode="after")
+    def _wait_needs_one_master(self) -> CommonSettings:
+        if self.redis_min_replicas and is_cluster_url(self.redis_url):
+            raise ValueError(
+                "SLIPSTREAM_REDIS_MIN_REPLICAS is not supported with Redis Cluster: WAIT counts "
+                "one connection's writes, and a cluster client spreads them over connections"
+            )
+        return self

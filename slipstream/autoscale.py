@@ -23,13 +23,13 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 
 import structlog
-from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from shared.fleet import live_workers
 from shared.jobs import read_backlog
 from shared.keys import CONSUMER_GROUP, Keys
 from shared.models import WorkerInfo
+from shared.redis import RedisClient
 from slipstream.scaling import Decision, Observation, ScalePolicy, ScaleState, decide
 
 log = structlog.get_logger("slipstream.autoscale")
@@ -147,7 +147,7 @@ class Tick:
     reason: str
 
 
-async def queue_lag(redis: Redis, keys: Keys, model: str) -> int:
+async def queue_lag(redis: RedisClient, keys: Keys, model: str) -> int:
     """Entries not yet delivered to the consumer group, over the model's queues."""
     lag = 0
     for queue in keys.queues(model):
@@ -162,7 +162,7 @@ async def queue_lag(redis: Redis, keys: Keys, model: str) -> int:
 
 
 async def observe(
-    redis: Redis, keys: Keys, model: str, ttl_s: float
+    redis: RedisClient, keys: Keys, model: str, ttl_s: float
 ) -> tuple[Observation, list[WorkerInfo]]:
     backlog = await read_backlog(redis, keys, model)
     queued_tokens = max(0, sum(tokens for tokens, _ in backlog.values()))
@@ -185,7 +185,7 @@ async def observe(
 class Autoscaler:
     policy: ScalePolicy
     procs: WorkerProcesses
-    redis: Redis
+    redis: RedisClient
     keys: Keys
     model: str
     ttl_s: float = 5.0

@@ -36,8 +36,7 @@ from arq import cron
 from arq.connections import ArqRedis
 from arq.cron import CronJob
 from arq.worker import Worker as ArqWorker
-from pydantic import Field, field_validator
-from redis.asyncio import Redis
+from pydantic import Field, field_validator, model_validator
 from redis.exceptions import ResponseError
 
 from shared.clock import redis_now_ms
@@ -45,8 +44,8 @@ from shared.fleet import known_models, live_workers
 from shared.jobs import JobStore
 from shared.keys import Keys
 from shared.models import WorkerInfo
-from shared.redis import connect
-from shared.settings import CommonSettings
+from shared.redis import RedisClient, connect
+from shared.settings import CommonSettings, is_cluster_url
 
 log = structlog.get_logger("slipstream.janitor")
 JANITOR_LOG_MAXLEN = 1000
@@ -67,6 +66,27 @@ class JanitorSettings(CommonSettings):
     dead_letter_maxlen: int = Field(
         default=10000, gt=0, description="Entries kept (approximately) in each dead-letter stream"
     )
+    control_redis_url: str = Field(
+        default="",
+        description=(
+            "Redis (plain or Sentinel) for the janitor's arq queue; default REDIS_URL. "
+            "Required when REDIS_URL is a Redis Cluster (arq has no Cluster support)"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _arq_needs_one_server(self) -> JanitorSettings:
+        if is_cluster_url(self.control_redis_url or self.redis_url):
+            raise ValueError(
+                "arq has no Redis Cluster support: set SLIPSTREAM_CONTROL_REDIS_URL to a plain "
+                "or Sentinel Redis for the janitor's queue (its chores still work on the cluster)"
+            )
+        return self
+
+    @property
+    def arq_url(self) -> str:
+        """Where the janitor's arq queue lives."""
+        return self.control_redis_url or self.redis_url
 
     @field_validator("janitor_interval_s")
     @classmethod
@@ -94,7 +114,7 @@ def json_loads(data: bytes) -> Any:
 
 
 # --- the chores (plain functions of a Redis client: tested without arq) -----------------
-async def clean_dead_workers(redis: Redis, keys: Keys, cutoff_ms: int) -> list[str]:
+async def clean_dead_workers(redis: RedisClient, keys: Keys, cutoff_ms: int) -> list[str]:
     """Remove workers whose last heartbeat is older than ``cutoff_ms``; returns their ids.
 
     A worker that beats again afterwards re-registers on that beat (``beat`` writes it all).
@@ -145,7 +165,7 @@ def successor(value: str) -> str:
     return f"{ms + 1}-0" if seq >= MAX_SEQ else f"{ms}-{seq + 1}"
 
 
-async def oldest_needed_id(redis: Redis, stream: str) -> str | None:
+async def oldest_needed_id(redis: RedisClient, stream: str) -> str | None:
     """The smallest id some consumer group still needs; None: keep everything.
 
     Per group, an entry is needed if it is pending (delivered, not acknowledged) or not yet
@@ -171,7 +191,7 @@ async def oldest_needed_id(redis: Redis, stream: str) -> str | None:
     return f"{floor[0]}-{floor[1]}"
 
 
-async def trim_queue(redis: Redis, stream: str) -> int:
+async def trim_queue(redis: RedisClient, stream: str) -> int:
     """XTRIM MINID below the oldest needed entry; returns how many entries went."""
     minid = await oldest_needed_id(redis, stream)
     if minid is None:
@@ -179,7 +199,7 @@ async def trim_queue(redis: Redis, stream: str) -> int:
     return int(await redis.xtrim(stream, minid=minid, approximate=False))
 
 
-async def trim_streams(redis: Redis, keys: Keys, model: str, dead_maxlen: int) -> int:
+async def trim_streams(redis: RedisClient, keys: Keys, model: str, dead_maxlen: int) -> int:
     removed = 0
     for queue in keys.queues(model):
         removed += await trim_queue(redis, queue)
@@ -199,7 +219,7 @@ async def sweep_leases(store: JobStore, model: str) -> int | None:
 
 
 async def rollup_stats(
-    redis: Redis, keys: Keys, models: set[str], ttl_s: float, keep_ms: int
+    redis: RedisClient, keys: Keys, models: set[str], ttl_s: float, keep_ms: int
 ) -> dict[str, dict[str, float]]:
     """Sum live workers' figures per model into ``stats(model)``; returns what it wrote."""
     workers = await live_workers(redis, keys, ttl_s)
@@ -229,7 +249,7 @@ class Janitor:
     """What the cron jobs share: settings, a (decoding) Redis client, keys and the store."""
 
     settings: JanitorSettings
-    redis: Redis
+    redis: RedisClient
     keys: Keys
     store: JobStore
     id: str
@@ -345,7 +365,7 @@ def build_worker(settings: JanitorSettings, *, handle_signals: bool = True) -> A
 
     return ArqWorker(
         cron_jobs=cron_jobs(settings.janitor_interval_s),
-        redis_pool=arq_pool(settings.redis_url),
+        redis_pool=arq_pool(settings.arq_url),
         queue_name=keys.janitor_queue,
         health_check_key=f"{keys.janitor_queue}:health",
         job_serializer=json_dumps,

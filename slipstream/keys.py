@@ -13,19 +13,18 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
 
 import typer
-from redis.asyncio import Redis
 
 from gateway.apikeys import ApiKey, Scope, create_key, list_keys, revoke_key
 from shared.keys import Keys
 from shared.models import Priority
-from shared.redis import connect
+from shared.redis import RedisClient, connect
 from shared.settings import CommonSettings
 
 app = typer.Typer(no_args_is_help=True, help="Manage API keys (stored hashed in Redis).")
 T = TypeVar("T")
 
 
-def _run(action: Callable[[Redis, Keys], Awaitable[T]]) -> T:
+def _run(action: Callable[[RedisClient, Keys], Awaitable[T]]) -> T:
     settings = CommonSettings()
 
     async def go() -> T:

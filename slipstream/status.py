@@ -6,13 +6,12 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from shared.fleet import known_models, live_workers
 from shared.keys import CONSUMER_GROUP, Keys
 from shared.models import Priority, WorkerInfo
-from shared.redis import connect
+from shared.redis import RedisClient, connect
 from shared.settings import CommonSettings
 
 
@@ -25,7 +24,7 @@ class QueueRow:
     lag: int
 
 
-async def queue_rows(redis: Redis, keys: Keys, models: set[str]) -> list[QueueRow]:
+async def queue_rows(redis: RedisClient, keys: Keys, models: set[str]) -> list[QueueRow]:
     rows: list[QueueRow] = []
     for model in sorted(models):
         for priority in Priority.ordered():

@@ -15,7 +15,7 @@ async def test_a_dropped_connection_marks_every_stream_for_repair(redis: Redis) 
     await mux.start()
     try:
         a, b = await mux.subscribe("chan-a"), await mux.subscribe("chan-b")
-        await redis.publish("chan-a", "before")
+        await redis.spublish("chan-a", "before")
         assert await a.wait(2.0) and a.take() == ["before"]
         assert not a.lagging and not b.lagging
         killed = await redis.client_kill_filter(_type="pubsub")
@@ -28,7 +28,7 @@ async def test_a_dropped_connection_marks_every_stream_for_repair(redis: Redis) 
         assert mux.reconnects >= 1
         b.lagging = False  # the stream repaired from its log (what the relay does)
         for _ in range(100):  # and the resubscribed connection delivers again
-            await redis.publish("chan-b", "after")
+            await redis.spublish("chan-b", "after")
             if await b.wait(0.05) and "after" in b.take():
                 break
         else:

@@ -45,7 +45,7 @@ async def test_a_wait_ends_on_time_and_a_delivery_ends_it_at_once(redis: Redis) 
         assert 0.3 <= waited <= 0.3 + 4 * TICK_S + 0.2
         later = asyncio.create_task(listener.wait(30.0))
         await asyncio.sleep(0.05)
-        await redis.publish("chan-timing", "x")
+        await redis.spublish("chan-timing", "x")
         assert await asyncio.wait_for(later, 5.0)
         assert listener.take() == ["x"]
     finally:
@@ -53,7 +53,7 @@ async def test_a_wait_ends_on_time_and_a_delivery_ends_it_at_once(redis: Redis) 
 
 
 async def numsub(redis: Redis, channel: str) -> int:
-    return int(dict(await redis.pubsub_numsub(channel))[channel])
+    return int(dict(await redis.pubsub_shardnumsub(channel))[channel])
 
 
 async def test_unsubscribes_go_out_at_the_next_tick(redis: Redis) -> None:
@@ -72,7 +72,7 @@ async def test_unsubscribes_go_out_at_the_next_tick(redis: Redis) -> None:
             await asyncio.sleep(0.05)
         assert await numsub(redis, "chan-gone") == 0
         assert await numsub(redis, "chan-back") == 1
-        await redis.publish("chan-back", "still here")
+        await redis.spublish("chan-back", "still here")
         assert await back.wait(5.0) and back.take() == ["still here"]
     finally:
         await mux.close()

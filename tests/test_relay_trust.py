@@ -82,7 +82,7 @@ async def test_a_forged_batch_is_not_spliced_into_a_stream(
         assert await store.emit(claimed, EventBatch(events=first), new_tokens=1)
         await asyncio.sleep(0.2)
         channel = Keys().job_channel(MODEL, claimed.job.id)
-        assert await redis.publish(channel, forged(2, fence)) == 1  # the gateway listens
+        assert await redis.spublish(channel, forged(2, fence)) == 1  # the gateway listens
         await asyncio.sleep(0.3)
         await finish(store, claimed, 2, " two")
         text = await asyncio.wait_for(reading, 20)
@@ -108,7 +108,7 @@ async def test_a_stale_workers_batch_is_not_spliced_after_a_takeover(
         await asyncio.sleep(0.3)
         # w1 wakes up and publishes past EMIT (which would refuse it): its old fence
         channel = Keys().job_channel(MODEL, old.job.id)
-        assert await redis.publish(channel, forged(2, old.fence)) == 1
+        assert await redis.spublish(channel, forged(2, old.fence)) == 1
         await asyncio.sleep(0.3)
         await finish(store, new, 2, " two")
         text = await asyncio.wait_for(reading, 20)

@@ -17,10 +17,10 @@ from __future__ import annotations
 import asyncio
 from contextlib import suppress
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.keys import Keys
+from shared.redis import RedisClient
 from worker.warm import WarmPrefixes
 
 
@@ -28,7 +28,7 @@ class Advertiser:
     """Keeps one worker's ``worker:<id>`` and ``warm:<id>`` keys current."""
 
     def __init__(
-        self, redis: Redis, keys: Keys, model: str, worker_id: str, ttl_ms: int, caps: int = 0
+        self, redis: RedisClient, keys: Keys, model: str, worker_id: str, ttl_ms: int, caps: int = 0
     ) -> None:
         self.redis = redis
         self.caps = caps  # the engine's capability bits (PULL reserves feature jobs by them)

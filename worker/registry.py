@@ -6,11 +6,10 @@ import os
 import socket
 import uuid
 
-from redis.asyncio import Redis
-
 from shared.clock import redis_now_ms
 from shared.keys import Keys
 from shared.models import WorkerInfo
+from shared.redis import RedisClient
 
 
 def default_worker_id() -> str:
@@ -20,7 +19,7 @@ def default_worker_id() -> str:
 class Registry:
     """Writes ``WorkerInfo`` under ``keys.workers`` and scores it in ``keys.workers_seen``."""
 
-    def __init__(self, redis: Redis, keys: Keys, info: WorkerInfo) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys, info: WorkerInfo) -> None:
         self.redis = redis
         self.keys = keys
         self.info = info

@@ -9,7 +9,6 @@ from contextlib import suppress
 from typing import Any
 
 import structlog
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.aio import cancel_and_wait
@@ -17,6 +16,8 @@ from shared.capabilities import to_bits
 from shared.jobs import Claimed, JobStore, now_ms
 from shared.keys import Keys
 from shared.models import Priority, WorkerInfo
+from shared.pubsub import KEEPALIVE_S, ShardedSubscriber
+from shared.redis import RedisClient
 from worker.advertiser import Advertiser
 from worker.capacity import Capacity
 from worker.emit_batcher import EmitBatcher
@@ -32,7 +33,7 @@ log = structlog.get_logger("slipstream.worker")
 class Worker:
     """Pulls a model's jobs while it has capacity; each job runs as its own task."""
 
-    def __init__(self, settings: WorkerSettings, redis: Redis, engine: Engine) -> None:
+    def __init__(self, settings: WorkerSettings, redis: RedisClient, engine: Engine) -> None:
         self.settings = settings
         self.redis = redis
         self.engine = engine
@@ -261,23 +262,20 @@ class Worker:
                 log.warning("heartbeat_failed", error=str(exc))
 
     async def _control_loop(self) -> None:
-        """Cancel running jobs the gateway cancelled (``cancel <job id>`` messages)."""
-        channel = self.keys.control_channel(self.settings.model)
-        while True:
-            try:
-                async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(channel)
-                    while True:
-                        message = await pubsub.get_message(timeout=1.0)
-                        if message is not None:
-                            self._on_control(message)
-            except (RedisError, OSError) as exc:
-                log.warning("control_channel_lost", error=str(exc))
-                await asyncio.sleep(0.5)
+        """Cancel running jobs the gateway cancelled (``cancel <job id>`` messages on the
+        model's sharded control channel; the subscriber resubscribes a lost connection, in
+        the background when even the first subscription fails)."""
+        subscriber = ShardedSubscriber(self.redis, self._on_control, lambda _channels: None)
+        try:
+            with suppress(RedisError, OSError):
+                await subscriber.subscribe(self.keys.control_channel(self.settings.model))
+            while True:
+                await asyncio.sleep(KEEPALIVE_S)
+                await subscriber.keepalive()
+        finally:
+            await subscriber.close()
 
-    def _on_control(self, message: dict[str, object]) -> None:
-        if message.get("type") != "message":
-            return
-        verb, _, job_id = str(message.get("data", "")).partition(" ")
+    def _on_control(self, _channel: str, message: str) -> None:
+        verb, _, job_id = message.partition(" ")
         if verb == "cancel" and job_id in self.running:
             self.running[job_id][0].cancel()

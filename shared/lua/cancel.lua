@@ -25,5 +25,5 @@ if not was then return 'missing' end
 if was ~= 'queued' and was ~= 'running' then return was end
 if was == 'queued' then unqueue(m, job) end
 fail(m, {id = job_id, key = job, log = job_log, channel = channel}, state, code, message, status, group, ttl)
-if was == 'running' then redis.call('PUBLISH', control, 'cancel ' .. job_id) end
+if was == 'running' then redis.call('SPUBLISH', control, 'cancel ' .. job_id) end
 return state

@@ -6,7 +6,7 @@
 local function emit(log, channel, batch, ttl)
   redis.call('XADD', log, '*', 'e', batch)
   redis.call('PEXPIRE', log, ttl)
-  redis.call('PUBLISH', channel, batch)
+  redis.call('SPUBLISH', channel, batch)
 end
 local function error_batch(seq, code, message, status)
   return cjson.encode({v=1, events={{t='error', s=seq, code=code, message=message, status=status}}})

@@ -132,7 +132,7 @@ async def subscribers(cluster: Cluster, job_ids: list[str]) -> int:
     redis = connect(cluster.redis.url)
     try:
         channels = [Keys().job_channel("sim-model", j) for j in job_ids]
-        counts = await redis.pubsub_numsub(*channels)
+        counts = await redis.pubsub_shardnumsub(*channels)
         return sum(int(n) for _, n in counts)
     finally:
         await redis.aclose()
