@@ -1,4 +1,5 @@
-"""What the cluster looks like right now, read from Redis: queues, backlog, live workers.
+"""What the cluster looks like right now, read from Redis: queues, backlog, live workers,
+dead letters, and which Redis masters answer.
 
 Read on demand (a ``/metrics`` scrape, a dashboard poll), never in the background, so an idle
 gateway costs Redis nothing. One pipeline answers every queue of every model.
@@ -11,7 +12,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from redis.exceptions import RedisError
+from redis.asyncio import RedisCluster
+from redis.exceptions import NoPermissionError, RedisError
 
 from shared.fleet import known_models, live_workers
 from shared.jobs import read_backlog
@@ -44,6 +46,9 @@ class ModelStats:
     capacity_tokens: int
     tokens_in_use: int
     tokens_per_s: float
+    capacity_seqs: int = 0  # sum of the live workers' max_seqs
+    seqs_in_use: int = 0
+    dead_lettered: int = 0  # jobs ever added to the dead-letter stream (XINFO entries-added)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +90,21 @@ async def _queues(redis: RedisClient, keys: Keys, models: list[str]) -> list[Que
     return out
 
 
-def _models(models: list[str], workers: list[WorkerInfo]) -> list[ModelStats]:
+async def _dead_letters(redis: RedisClient, keys: Keys, models: list[str]) -> dict[str, int]:
+    """Jobs ever added to each model's dead-letter stream: Redis 7's ``entries-added``, which
+    trimming (the janitor caps the stream) does not lower, so it is a counter; 0 before the
+    first poison job (no stream yet)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for m in models:
+            pipe.xinfo_stream(keys.dead_letter(m))
+        replies = await pipe.execute(raise_on_error=False)
+    return {
+        m: int(r.get("entries-added") or 0) if isinstance(r, dict) else 0
+        for m, r in zip(models, replies, strict=True)
+    }
+
+
+def _models(models: list[str], workers: list[WorkerInfo], dead: dict[str, int]) -> list[ModelStats]:
     out = []
     for model in models:
         mine = [w for w in workers if w.model == model]
@@ -96,6 +115,9 @@ def _models(models: list[str], workers: list[WorkerInfo]) -> list[ModelStats]:
                 sum(w.capacity_tokens for w in mine),
                 sum(w.tokens_in_use for w in mine),
                 round(sum(w.tokens_per_s for w in mine), 3),
+                capacity_seqs=sum(w.max_seqs for w in mine),
+                seqs_in_use=sum(w.seqs_in_use for w in mine),
+                dead_lettered=dead.get(model, 0),
             )
         )
     return out
@@ -109,9 +131,44 @@ async def read_cluster(
     names = await known_models(redis, keys)
     names |= set(models or ()) | {w.model for w in workers}
     ordered = sorted(names)
-    queues = await _queues(redis, keys, ordered)
+    queues, dead = await asyncio.gather(
+        _queues(redis, keys, ordered), _dead_letters(redis, keys, ordered)
+    )
     workers.sort(key=lambda w: (w.model, w.id))
-    return ClusterSnapshot(queues, _models(ordered, workers), workers)
+    return ClusterSnapshot(queues, _models(ordered, workers, dead), workers)
+
+
+async def master_run_ids(redis: RedisClient) -> frozenset[str]:
+    """The ``run_id`` (INFO server) of every Redis master this client writes to.
+
+    A plain or Sentinel client reaches one master: the one its connection resolves to now. A
+    ``RedisCluster`` client is asked for every primary it knows (one per shard), since a bare
+    ``INFO`` would go to its default node only. A master process that was not there before (a
+    replica promoted by a failover, or a restart) has a new ``run_id``."""
+    if isinstance(redis, RedisCluster):
+        reply = await redis.info("server", target_nodes=RedisCluster.PRIMARIES)
+        infos = [reply] if "run_id" in reply else list(reply.values())
+    else:
+        infos = [await redis.info("server")]
+    return frozenset(str(info["run_id"]) for info in infos)
+
+
+@dataclass(slots=True)
+class MasterWatch:
+    """The Redis masters seen at the previous read; counts the ones that are new since.
+
+    Rule: a run_id absent from the previous successful read is one master change. The first
+    read only sets the baseline (a gateway that starts after a failover does not count it); a
+    failed read leaves the baseline alone, so the change is counted at the next read that
+    succeeds. In Cluster mode a shard added by resharding counts too."""
+
+    seen: frozenset[str] | None = None
+    denied: bool = False  # the Redis user may not run INFO: stop asking (and logging)
+
+    def changes(self, run_ids: frozenset[str]) -> int:
+        new = 0 if self.seen is None else len(run_ids - self.seen)
+        self.seen = run_ids
+        return new
 
 
 async def refresh_cluster(state: GatewayState) -> ClusterSnapshot | None:
@@ -135,4 +192,24 @@ async def refresh_cluster(state: GatewayState) -> ClusterSnapshot | None:
         log.warning("cluster_read_failed", error=str(exc) or type(exc).__name__)
         return None
     state.metrics.apply_cluster(snap)
+    await _watch_masters(state)
     return snap
+
+
+async def _watch_masters(state: GatewayState) -> None:
+    """Count Redis master changes (``slipstream_gateway_redis_master_changes_total``). A
+    failed INFO (Redis mid-failover, or an ACL without ``+info``) is logged and skipped: the
+    cluster gauges were read, so it is not a cluster read error."""
+    watch = state.metrics.masters
+    if watch.denied:
+        return
+    try:
+        run_ids = await asyncio.wait_for(master_run_ids(state.redis), CLUSTER_READ_TIMEOUT_S)
+    except NoPermissionError as exc:
+        watch.denied = True
+        log.warning("redis_info_denied", error=str(exc), hint="grant the gateway user +info")
+        return
+    except (RedisError, OSError, TimeoutError, KeyError) as exc:
+        log.warning("redis_info_failed", error=str(exc) or type(exc).__name__)
+        return
+    state.metrics.redis_master_changes.inc(watch.changes(run_ids))

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
-from gateway.cluster import ClusterSnapshot
+from gateway.cluster import ClusterSnapshot, MasterWatch
 from shared.models import DoneEvent, ErrorEvent, Event, Job, TokenEvent
 
 if TYPE_CHECKING:
@@ -42,6 +43,27 @@ def outcome_of(event: ErrorEvent) -> str:
     return event.code if event.code in ERROR_OUTCOMES else "error"
 
 
+class _ReadCounter:
+    """A counter whose samples are read when scraped, for running totals kept elsewhere: the
+    multiplexer's reconnects, or a Redis stream's ``entries-added``. ``read`` yields
+    (label values, total) pairs."""
+
+    def __init__(
+        self,
+        name: str,
+        doc: str,
+        labels: list[str],
+        read: Callable[[], Iterable[tuple[list[str], float]]],
+    ) -> None:
+        self.name, self.doc, self.labels, self.read = name, doc, labels, read
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self.name, self.doc, labels=self.labels)
+        for values, total in self.read():
+            family.add_metric(values, total)
+        yield family
+
+
 class GatewayMetrics:
     """Every metric the gateway exports, registered in ``registry``."""
 
@@ -51,6 +73,7 @@ class GatewayMetrics:
         self._define_requests(registry)
         self._define_latency(registry)
         self._define_cluster(registry)
+        self._define_redis(registry)
         ProcessCollector(registry=registry)
         GCCollector(registry=registry)
 
@@ -159,7 +182,21 @@ class GatewayMetrics:
             ["model"],
             registry=r,
         )
+        self.capacity_seqs = Gauge(
+            "slipstream_capacity_sequences",
+            "Sequences the live workers can run at once (sum of max_seqs)",
+            ["model"],
+            registry=r,
+        )
+        self.seqs_in_use = Gauge(
+            "slipstream_sequences_in_use",
+            "Sequences running on the live workers",
+            ["model"],
+            registry=r,
+        )
         self._cluster = [
+            self.capacity_seqs,
+            self.seqs_in_use,
             self.queue_length,
             self.queue_lag,
             self.queue_pending,
@@ -171,7 +208,39 @@ class GatewayMetrics:
             self.tokens_per_second,
         ]
 
+    def _define_redis(self, r: CollectorRegistry) -> None:
+        self.dead_lettered: dict[str, int] = {}  # model -> entries-added, from the last read
+        r.register(
+            _ReadCounter(
+                "slipstream_dead_letter_jobs",
+                "Jobs ever moved to the model's dead-letter stream (poison jobs), read from Redis",
+                ["model"],
+                lambda: (([m], n) for m, n in sorted(self.dead_lettered.items())),
+            )
+        )
+        self._reconnects: Callable[[], int] = lambda: 0  # no multiplexer: nothing reconnected
+        r.register(
+            _ReadCounter(
+                "slipstream_gateway_pubsub_reconnects",
+                "Times this gateway's pub/sub connection to Redis was re-established "
+                "(every open stream then repairs from its job log)",
+                [],
+                lambda: [([], self._reconnects())],
+            )
+        )
+        self.masters = MasterWatch()
+        self.redis_master_changes = Counter(
+            "slipstream_gateway_redis_master_changes",
+            "Redis masters (run_id) this gateway found that its previous read had not: a "
+            "failover to a replica or a restart (in Cluster mode, per primary)",
+            registry=r,
+        )
+
     # --- recording ----------------------------------------------------------------------
+    def track_pubsub_reconnects(self, count: Callable[[], int]) -> None:
+        """Read the multiplexer's running total (``mux.reconnects``) at every scrape."""
+        self._reconnects = count
+
     def track_open_streams(self, count: Callable[[], int]) -> None:
         self.open_streams.set_function(count)
 
@@ -198,6 +267,9 @@ class GatewayMetrics:
             self.capacity_tokens.labels(m.model).set(m.capacity_tokens)
             self.tokens_in_use.labels(m.model).set(m.tokens_in_use)
             self.tokens_per_second.labels(m.model).set(m.tokens_per_s)
+            self.capacity_seqs.labels(m.model).set(m.capacity_seqs)
+            self.seqs_in_use.labels(m.model).set(m.seqs_in_use)
+        self.dead_lettered = {m.model: m.dead_lettered for m in snap.models}
 
     def samples(self) -> dict[str, list[tuple[dict[str, str], float]]]:
         """Every sample in the registry by name: what ``/metrics`` would show right now."""
