@@ -12,7 +12,7 @@ import time
 from urllib.parse import urlparse
 
 from shared.redis import connect
-from shared.settings import CommonSettings, parse_sentinel_url
+from shared.settings import CommonSettings, is_cluster_url, parse_sentinel_url
 
 
 async def _redis_answers(url: str) -> bool:
@@ -86,6 +86,8 @@ def run_local(engine: str, model: str, port: int, workers: int, gateway_processe
             raise SystemExit(
                 f"no Redis master answers through the sentinels of {settings.redis_url}"
             )
+        if is_cluster_url(settings.redis_url):
+            raise SystemExit(f"no node of the Redis Cluster {settings.redis_url} answers")
         children.append(_start_redis(settings.redis_url))
         if not asyncio.run(_wait_redis(settings.redis_url, 10.0)):
             _stop(children)
