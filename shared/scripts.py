@@ -178,5 +178,8 @@ HANDBACK = load("handback")
 SWEEP = load("sweep", helpers=True)
 PULL = load("pull", helpers=True)
 RELEASE = load("release")
+CHARGE = load("charge")  # the gateway's rate limits (gateway/ratelimit.py)
 
-SCRIPTS: Sequence[Script] = (ENQUEUE, EMIT, CANCEL, RENEW, HANDBACK, SWEEP, PULL, RELEASE)
+SCRIPTS: Sequence[Script] = (
+    ENQUEUE, EMIT, CANCEL, RENEW, HANDBACK, SWEEP, PULL, RELEASE, CHARGE
+)  # fmt: skip
