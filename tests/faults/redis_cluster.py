@@ -142,6 +142,11 @@ class RedisClusterSet:
                     owners[slot] = owner
         return owners
 
+    def masters_in_slot_order(self) -> list[int]:
+        """The masters' ports, the one serving the lowest slots first."""
+        owners = self.slot_owners(self.live_ports()[0])
+        return list(dict.fromkeys(owners[slot] for slot in sorted(owners)))
+
     def master_of_slot(self, slot: int) -> int:
         """The port of the master serving ``slot``, as the first live node sees it."""
         for port in self.live_ports():
