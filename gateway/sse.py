@@ -98,9 +98,16 @@ class SSEResponse(Response):
         await send(start)
         task = asyncio.current_task()
         assert task is not None
-        watcher = asyncio.ensure_future(self._watch(receive, task))
+        guard = SendGuard(self.deadlines, task, self.cut)
+        watcher: asyncio.Future[None] | None = None
         try:
-            await self._stream(send, task)
+            # The first frame is in hand (the route waited for the first events), so it goes
+            # out before the disconnect watcher starts: a stream that ends with its first write
+            # (a short answer) never needs one, saving a task and two loop turns per request.
+            if await self._send_next(send, guard):
+                watcher = asyncio.ensure_future(self._watch(receive, task))
+                while await self._send_next(send, guard):
+                    pass
         except asyncio.CancelledError:
             if not (self.cut.client_gone or self.cut.too_slow):
                 raise
@@ -108,22 +115,23 @@ class SSEResponse(Response):
             if self.cut.too_slow:
                 log.warning("sse_reader_too_slow", path=scope.get("path"))
         finally:
-            watcher.cancel()
+            guard.task = None  # an entry left in the wheel holds nothing of the stream
+            if watcher is not None:
+                watcher.cancel()
             await self.frames.aclose()  # type: ignore[attr-defined]
 
-    async def _stream(self, send: Send, task: asyncio.Task[object]) -> None:
-        guard = SendGuard(self.deadlines, task, self.cut)
+    async def _send_next(self, send: Send, guard: SendGuard) -> bool:
+        """Write the next frame; False once the body has ended."""
         try:
-            async for frame in self.frames:
-                last = self.cut.last_frame
-                guard.start(self.send_timeout_s)
-                await send({"type": "http.response.body", "body": frame, "more_body": not last})
-                guard.send_by = 0.0
-                if last:
-                    return
+            frame = await anext(self.frames)
+        except StopAsyncIteration:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            guard.task = None  # an entry left in the wheel holds nothing of the stream
+            return False
+        last = self.cut.last_frame
+        guard.start(self.send_timeout_s)
+        await send({"type": "http.response.body", "body": frame, "more_body": not last})
+        guard.send_by = 0.0
+        return not last
 
     async def _watch(self, receive: Receive, task: asyncio.Task[object]) -> None:
         while (await receive())["type"] != "http.disconnect":
