@@ -12,6 +12,7 @@ Every arm is an async context manager: whatever it started is stopped on the way
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -299,6 +300,9 @@ class SlipstreamArm(Arm):
         self.gateway_env = gateway_env or {}
         self.worker_env = worker_env or {}
         self.redis_port = 0
+        # BENCH_ASGI_SERVER=granian|hypercorn: the gateway's app under that server instead of
+        # uvicorn (bench/asgi_server.py), to compare them in the same harness
+        self.asgi_server = os.environ.get("BENCH_ASGI_SERVER", "uvicorn")
         self.gateway: Proc | None = None
         self.redis: Any = None
 
@@ -325,17 +329,10 @@ class SlipstreamArm(Arm):
         self.redis = Redis.from_url(self.redis_url, decode_responses=True)
         await wait_until(self.redis.ping, timeout=20, what="redis", procs=[redis_proc])
         self.group.env["REDIS_URL"] = self.redis_url
-        gw = [
-            PYTHON,
-            "-m",
-            "slipstream",
-            "gateway",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-        ]
-        gw += ["--model", MODEL]
+        gw = [PYTHON, "-m", "slipstream", "gateway"]
+        if self.asgi_server != "uvicorn":  # the same app under another server (measurement)
+            gw = [PYTHON, str(Path(__file__).with_name("asgi_server.py")), self.asgi_server]
+        gw += ["--host", "127.0.0.1", "--port", str(self.port), "--model", MODEL]
         self.gateway = self.group.start(
             "gateway", "gateway", gw, cpus=self.gateway_cpus, env=self.gateway_env
         )
