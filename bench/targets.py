@@ -19,6 +19,13 @@ def _get(d: Any, *path: str) -> Any:
     return d
 
 
+def _skipped(results: dict[str, Any], arm: str) -> str | None:
+    """Why ``arm`` did not run ("arm skipped: nginx not installed"), or None: a comparison
+    with a missing arm is a row saying so, never a row that silently vanishes."""
+    why = (results.get("skipped_arms") or {}).get(arm)
+    return str(why) if why else None
+
+
 def overhead_rows(results: dict[str, Any]) -> list[Row]:
     arms = _get(results, "overhead", "ttft", "arms") or {}
     slip, nginx = arms.get("slipstream", {}), arms.get("nginx-rr", {})
@@ -29,6 +36,8 @@ def overhead_rows(results: dict[str, Any]) -> list[Row]:
         measured = "-" if value is None else f"{value:.2f} ms"
         if other is not None:
             measured += f" (nginx: {other:.2f} ms)"
+        elif why := _skipped(results, "nginx-rr"):
+            measured += f" (nginx: {why})"
         before = arms.get("slipstream-before", {}).get(f"added_{q}_ms")
         if before is not None:  # BENCH_BASELINE_TREE: the gateway before, in the same run
             measured += f"; gateway before: {before:.2f} ms"
@@ -65,24 +74,16 @@ def balance_rows(results: dict[str, Any]) -> list[Row]:
         at("haproxy", "ttft_p99_ms"),
     )
     rows: list[Row] = []
-    if slip is not None and rr is not None:
-        rows.append(
-            (
-                f"p99 TTFT at load {key} vs nginx round-robin",
-                "≤ 0.5x",
-                f"{slip:.0f} vs {rr:.0f} ms ({slip / rr:.2f}x)",
-                _verdict(slip <= 0.5 * rr),
-            )
-        )
-    if slip is not None and ha is not None:
-        rows.append(
-            (
-                f"p99 TTFT at load {key} vs haproxy leastconn",
-                "≤ 1x",
-                f"{slip:.0f} vs {ha:.0f} ms ({slip / ha:.2f}x)",
-                _verdict(slip <= ha),
-            )
-        )
+    for arm, label, factor, other in (
+        ("nginx-rr", "nginx round-robin", 0.5, rr),
+        ("haproxy", "haproxy leastconn", 1.0, ha),
+    ):
+        what, target = f"p99 TTFT at load {key} vs {label}", f"≤ {factor:g}x"
+        if slip is not None and other is not None:
+            measured = f"{slip:.0f} vs {other:.0f} ms ({slip / other:.2f}x)"
+            rows.append((what, target, measured, _verdict(slip <= factor * other)))
+        elif slip is not None and (why := _skipped(results, arm)):
+            rows.append((what, target, why, "-"))
     good, oracle = at("slipstream", "goodput_pct"), at("oracle", "goodput_pct")
     if good is not None and oracle:
         rows.append(

@@ -117,3 +117,41 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
     assert "bench-warm:begin" in doc and "## 5. Warm state" in doc
     for png in ("bench_overhead.png", "bench_balance.png", "bench_fleet.png", "bench_warm.png"):
         assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_a_missing_arm_is_named_in_the_report_and_the_headline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nginx and haproxy off the PATH (redis-server on it), their arms are recorded as
+    skipped, the report says so, and the headline's comparisons with them are rows saying
+    why, not rows that vanish."""
+    import shutil
+
+    from bench.arms import skipped_arms
+    from bench.report import method_md
+    from bench.targets import balance_rows, overhead_rows
+
+    redis = shutil.which("redis-server")
+    assert redis is not None
+    (tmp_path / "redis-server").symlink_to(redis)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    skipped = skipped_arms()
+    assert skipped["nginx-rr"] == "arm skipped: nginx not installed"
+    assert skipped["haproxy"] == "arm skipped: haproxy not installed"
+    assert "slipstream" not in skipped
+    slip = {"ttft_p99_ms": 300.0, "goodput_pct": 99.0}
+    results = {
+        "skipped_arms": skipped,
+        "overhead": {"ttft": {"arms": {"slipstream": {"added_p50_ms": 1.2}}}},
+        "balance": {"key_load": 0.85, "arms": {"slipstream": {"loads": {"0.85": slip}}}},
+    }
+    rows = {what: (measured, met) for what, _, measured, met in balance_rows(results)}
+    assert rows["p99 TTFT at load 0.85 vs nginx round-robin"] == (skipped["nginx-rr"], "-")
+    assert rows["p99 TTFT at load 0.85 vs haproxy leastconn"] == (skipped["haproxy"], "-")
+    assert "nginx: arm skipped: nginx not installed" in overhead_rows(results)[0][2]
+    machine = {k: "?" for k in ("cpu", "cores", "memory_gb", "kernel", "python")}
+    machine |= {"redis-server": "?", "nginx": "-", "haproxy": "-", "packages": {}}
+    plan = {"mode": "quick", "seed": 1, "reps": 1, "loads": [], "balance_duration_s": 1.0}
+    plan |= {"key_load": 0.85, "stream_counts": [], "churn_duration_s": 1.0}
+    report = method_md({**results, "plan": plan, "machine": machine})
+    assert "nginx round-robin: arm skipped: nginx not installed" in report
