@@ -175,10 +175,18 @@ async def refresh_cluster(state: GatewayState) -> ClusterSnapshot | None:
     """Read the cluster and set the gauges from it; None (gauges left as they were) on error.
 
     The read awaits; setting the gauges and rendering after it do not, so a scrape never sees
-    half of one snapshot and half of another.
+    half of one snapshot and half of another. The masters' run_ids are asked meanwhile: a
+    scrape during a failover waits for the slower of the two reads, not for their sum.
     """
+    snap, _ = await asyncio.gather(_read(state), _watch_masters(state))
+    if snap is not None:
+        state.metrics.apply_cluster(snap)
+    return snap
+
+
+async def _read(state: GatewayState) -> ClusterSnapshot | None:
     try:
-        snap = await asyncio.wait_for(
+        return await asyncio.wait_for(
             read_cluster(
                 state.redis,
                 state.keys,
@@ -191,15 +199,12 @@ async def refresh_cluster(state: GatewayState) -> ClusterSnapshot | None:
         state.metrics.cluster_errors.inc()
         log.warning("cluster_read_failed", error=str(exc) or type(exc).__name__)
         return None
-    state.metrics.apply_cluster(snap)
-    await _watch_masters(state)
-    return snap
 
 
 async def _watch_masters(state: GatewayState) -> None:
     """Count Redis master changes (``slipstream_gateway_redis_master_changes_total``). A
-    failed INFO (Redis mid-failover, or an ACL without ``+info``) is logged and skipped: the
-    cluster gauges were read, so it is not a cluster read error."""
+    failed INFO (Redis mid-failover, or an ACL without ``+info``) is logged and skipped; it is
+    not a cluster read error (the gauges may well have been read)."""
     watch = state.metrics.masters
     if watch.denied:
         return
