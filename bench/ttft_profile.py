@@ -9,12 +9,14 @@ request, one request at a time, the client pinned to CPU 0 and Redis, the gatewa
 worker sharing the others. On this 2-core machine they share **one** core, so a request's TTFT
 is close to the CPU that each of them spends before the first token, plus their wake-ups.
 Prints TTFT p50/p99 and the CPU µs per request of each process (whole requests: the part
-after the first token is in it too). ``--profile DIR`` writes py-spy raw stacks of the gateway
-and the worker (``gateway.txt``, ``workers.txt``; ``--rate`` samples/s) for the window.
+after the first token is in it too). Hardware counters (``perf stat -e instructions``) are not
+available in this VM, so CPU time is the figure, and other load on a shared machine inflates
+it: compare trees interleaved, several rounds. ``--profile DIR`` writes py-spy raw stacks of
+the gateway and the worker (``gateway.txt``, ``workers.txt``; ``--rate`` samples/s).
 On one shared core, a process that wakes another is often preempted inside the ``send`` that
-woke it, and py-spy counts that time as the sender's: ``--split`` gives the gateway a CPU of
-its own (not the experiment's setup) for a profile of its own CPU.
-``GATEWAY_ENV`` / ``WORKER_ENV`` style options: ``--gateway-env K=V`` (repeatable).
+woke it, and py-spy counts that time as the sender's: ``--alone gateway`` (or ``workers``)
+gives it a CPU of its own (not the experiment's setup) for a profile of its own CPU.
+``--gateway-env K=V`` and ``--worker-env K=V`` (repeatable) add to their environment.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -30,7 +33,7 @@ from typing import Any
 from bench.arms import SlipstreamArm
 from bench.client import run_closed
 from bench.overhead import INSTANT, pinned, requests
-from bench.process import PYTHON, gateway_split
+from bench.process import PYTHON
 from bench.relay_cpu import py_spy
 from bench.stats import summarize
 
@@ -48,19 +51,28 @@ def _env(pairs: list[str]) -> dict[str, str]:
     return dict(p.split("=", 1) for p in pairs)
 
 
+def _alone(arm: SlipstreamArm, component: str) -> None:
+    """``component``'s processes on the last CPU, the arm's others and this one on the rest."""
+    cpus = sorted(os.sched_getaffinity(0))
+    mine, rest = {cpus[-1]}, set(cpus[:-1]) or {cpus[-1]}
+    for proc in arm.group.procs:
+        os.sched_setaffinity(proc.pid, mine if proc.component == component else rest)
+    os.sched_setaffinity(0, rest)
+
+
 async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    with pinned(not args.split) as cpus:
-        gw_cpus, others = gateway_split(args.split)
+    with pinned(not args.alone) as cpus:
         arm = SlipstreamArm(
             [INSTANT],
             workdir,
-            others or cpus,
+            cpus,
             gateway_env=_env(args.gateway_env),
             worker_env=_env(args.worker_env),
-            gateway_cpus=gw_cpus,
         )
         async with arm:
             assert arm.gateway is not None
+            if args.alone:
+                _alone(arm, args.alone)
             target = arm.target()
             await run_closed(target, requests(args.warmup, 8, offset=900_000))
             spies = []
@@ -96,10 +108,11 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, default=None, help="directory for py-spy stacks")
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
     parser.add_argument(
-        "--split",
-        action="store_true",
-        help="the gateway alone on the last CPU, everything else on the others: its py-spy "
-        "samples are then its own CPU, not time preempted by Redis or the worker it woke",
+        "--alone",
+        choices=["gateway", "workers", "redis"],
+        default=None,
+        help="that component alone on the last CPU, everything else on the others: its py-spy "
+        "samples are then its own CPU, not time preempted by the processes it woke",
     )
     parser.add_argument("--gateway-env", action="append", default=[], metavar="K=V")
     parser.add_argument("--worker-env", action="append", default=[], metavar="K=V")
