@@ -69,11 +69,16 @@ class Run:
     tokens: int
     subscribers: bool = True
     aof: bool = False
+    replica: bool = False  # a replica attached: the master also feeds its replication stream
+
+    @property
+    def setting(self) -> str:
+        subs = "subscribed" if self.subscribers else "no-subscribers"
+        return subs + ("-aof" if self.aof else "") + ("-replica" if self.replica else "")
 
     @property
     def name(self) -> str:
-        subs = "subscribed" if self.subscribers else "no-subscribers"
-        return f"{self.tokens}tok-{subs}" + ("-aof" if self.aof else "")
+        return f"{self.tokens}tok-{self.setting}"
 
 
 def publish_command() -> str:
@@ -136,6 +141,7 @@ async def snapshot(redis: Any, array: Any, pids: list[int]) -> dict[str, Any]:
     """Redis's CPU and command counters, the load's counters and the machine's CPU, now."""
     cpu = await redis.info("cpu")
     stats = await redis.info("commandstats")
+    replication = await redis.info("replication")
     busy, total = machine_jiffies()
     return {
         "t": time.monotonic(),
@@ -148,6 +154,7 @@ async def snapshot(redis: Any, array: Any, pids: list[int]) -> dict[str, Any]:
         "busy": busy,
         "total": total,
         "load_cpu": cpu_of(pids),
+        "replicas": int(replication.get("connected_slaves", 0)),
     }
 
 
@@ -166,6 +173,7 @@ def window(a: dict[str, Any], b: dict[str, Any], run: Run) -> dict[str, Any]:
         "jobs": jobs,
         "batches": batches,
         "fenced_off": b["counters"][3] - a["counters"][3],
+        "replicas_connected": b["replicas"],
         "achieved_jobs_per_s": round(jobs / secs, 1),
         "achieved_tokens_per_s": round(jobs * run.tokens / secs),
         "achieved_batches_per_s": round(batches / secs),
@@ -224,6 +232,7 @@ async def measure(
 def measure_run(run: Run, load: Load) -> dict[str, Any]:
     """One run: a fresh redis-server, the load processes, the two windows."""
     server = start_redis(aof=run.aof)
+    replica = start_redis("--replicaof", "127.0.0.1", str(server.port)) if run.replica else None
     ctx = multiprocessing.get_context("spawn")
     array = ctx.Array("q", 4)
     procs = []
@@ -247,37 +256,36 @@ def measure_run(run: Run, load: Load) -> dict[str, Any]:
             p.join(10)
             if p.is_alive():
                 p.kill()
+        if replica is not None:
+            replica.stop()
         server.stop()
-    return {"run": run.name, **asdict(run), **figures}
+    return {"run": run.name, "setting": run.setting, **asdict(run), **figures}
 
 
 def summary(results: list[dict[str, Any]], load: Load, tokens: list[int]) -> dict[str, Any]:
-    """Per setting (subscribers, AOF): the median µs per job of each job length's runs, the
-    line through them (fixed + per batch) and the ceiling at each mix."""
+    """Per setting (subscribers, AOF, replica): the median µs per job of each job length's
+    runs, the line through them (fixed + per batch) and the ceiling at each mix."""
     out: dict[str, Any] = {}
-    for subs in (True, False):
-        for aof in (False, True):
-            rows = [r for r in results if r["subscribers"] == subs and r["aof"] == aof]
-            lengths = sorted({r["tokens"] for r in rows})
-            if len(lengths) < 2:
-                continue
-            per_job = {
-                t: statistics.median(r["redis_us_per_job"] for r in rows if r["tokens"] == t)
-                for t in lengths
-            }
-            points = [(batches_per_job(t, load.batch_tokens), us) for t, us in per_job.items()]
-            fixed, per_batch = fit(points)
-            key = ("subscribed" if subs else "no-subscribers") + ("-aof" if aof else "")
-            out[key] = {
-                "median_us_per_job": {str(t): round(us, 1) for t, us in per_job.items()},
-                "runs_util_and_us_per_job": [
-                    (r["tokens"], r["redis_main_thread_cpu_util"], r["redis_us_per_job"])
-                    for r in rows
-                ],
-                "fixed_us_per_job": round(fixed, 1),
-                "us_per_batch": round(per_batch, 2),
-                "mixes": [sizing(fixed, per_batch, t, load.batch_tokens) for t in tokens],
-            }
+    for setting in dict.fromkeys(r["setting"] for r in results):
+        rows = [r for r in results if r["setting"] == setting]
+        lengths = sorted({r["tokens"] for r in rows})
+        if len(lengths) < 2:
+            continue
+        per_job = {
+            t: statistics.median(r["redis_us_per_job"] for r in rows if r["tokens"] == t)
+            for t in lengths
+        }
+        points = [(batches_per_job(t, load.batch_tokens), us) for t, us in per_job.items()]
+        fixed, per_batch = fit(points)
+        out[setting] = {
+            "median_us_per_job": {str(t): round(us, 1) for t, us in per_job.items()},
+            "runs_util_and_us_per_job": [
+                (r["tokens"], r["redis_main_thread_cpu_util"], r["redis_us_per_job"]) for r in rows
+            ],
+            "fixed_us_per_job": round(fixed, 1),
+            "us_per_batch": round(per_batch, 2),
+            "mixes": [sizing(fixed, per_batch, t, load.batch_tokens) for t in tokens],
+        }
     return out
 
 
@@ -313,6 +321,7 @@ def parse_args() -> tuple[argparse.Namespace, Load]:
     ap.add_argument("--size", default="64,256,1024", help="mixes to size the ceiling for")
     ap.add_argument("--no-subscribers", action="store_true", help="also run without listeners")
     ap.add_argument("--aof", action="store_true", help="also run with appendonly everysec")
+    ap.add_argument("--replica", action="store_true", help="also run with one replica attached")
     ap.add_argument("--reps", type=int, default=3, help="runs of each setting (median taken)")
     ap.add_argument("--out", type=Path, default=Path("docs/shard_ceiling.json"))
     for name, default in asdict(Load()).items():
@@ -330,6 +339,8 @@ def main() -> None:
         runs += [Run(t, subscribers=False) for t in tokens]
     if args.aof:
         runs += [Run(t, aof=True) for t in tokens]
+    if args.replica:
+        runs += [Run(t, replica=True) for t in tokens]
     host = machine()
     results = []
     for run in [r for _ in range(args.reps) for r in runs]:  # interleaved: drift hits all
