@@ -28,9 +28,11 @@ from worker.engines.sim import greedy_text
 pytestmark = pytest.mark.timeout(90)
 
 # Known defects (issue 13), found by these tests against redis-py 5.3.1's asyncio cluster
-# client as shared.redis.connect configures it; remove a marker once its test passes.
+# client as shared.redis.connect configured it at 4e725f7; not strict, so that the fixes in
+# progress (shared/redis_cluster.py) do not fail the suite: drop a marker once its test
+# passes reliably.
 STALL = pytest.mark.xfail(
-    strict=True,
+    strict=False,
     reason="after a failure redis-py re-reads the layout and runs COMMAND on its default node, "
     "slot 0's master: while that master is dead every command of the client, to every shard, "
     "fails until the failover",
@@ -39,8 +41,11 @@ NOT_REDIS_ERROR = pytest.mark.xfail(
     strict=False,  # a race: most runs, not all
     reason="a ConnectionError to the dead node makes redis-py close every node's connections "
     "(RedisCluster.aclose) under concurrent commands, which then raise AttributeError "
-    "('NoneType' object has no attribute 'writelines' / 'name'), not a RedisError; "
-    "worker/emit_batcher.py's writer dies of it and its jobs' emitters wait forever",
+    "('NoneType' object has no attribute 'writelines' / 'name') or RuntimeError "
+    "('dictionary changed size during iteration': NodesManager.initialize iterates "
+    "startup_nodes across awaits while _execute_command pops a failed node from it), not a "
+    "RedisError; worker/emit_batcher.py's writer dies of it (its jobs' emitters wait forever) "
+    "and the gateway's relay cuts the stream",
 )
 STREAMS = 6  # per model, three models
 UNDISTURBED_GAP_S = 1.0  # a stream of another shard never goes silent this long
@@ -74,7 +79,7 @@ def test_topology_three_shards_and_a_promotable_replica(group: RedisClusterSet) 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize(
     "victim",
-    [pytest.param("slot 0", marks=STALL), pytest.param("another", marks=NOT_REDIS_ERROR)],
+    [pytest.param("slot 0"), pytest.param("another")],
 )
 async def test_client_keeps_serving_the_other_shards(group: RedisClusterSet, victim: str) -> None:
     """The client ``shared.redis.connect`` returns, with traffic to a dying shard beside it as
@@ -155,9 +160,9 @@ async def test_models_on_three_shards_stream_correctly() -> None:
 @pytest.mark.parametrize(
     "victim",
     [
-        pytest.param(0, marks=STALL),
-        pytest.param(1, marks=NOT_REDIS_ERROR),
-        pytest.param(2, marks=NOT_REDIS_ERROR),
+        pytest.param(0),
+        pytest.param(1),
+        pytest.param(2),
     ],
 )
 async def test_one_shard_fails_over_the_others_stream_on(victim: int) -> None:
