@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import math
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,7 @@ WORKER_TTL_MS = 5000
 AGING = {Priority.NORMAL: 10_000, Priority.LOW: 30_000}  # worker defaults
 TENANTS = 16  # jobs spread over tenants: none holds its fair share (8192 tokens) of the queue
 WORD = " the"  # one token's text (~4 bytes, as a BPE token)
+STREAM_LIMIT_S = 120.0  # a stream not finished by then is cancelled (counted as fenced off)
 CAPACITY = 1 << 20  # a worker's token capacity: slots, not tokens, bound it here
 
 
@@ -247,9 +249,8 @@ async def stream_loop(
         )
         await dispatch.open()
         try:
-            for _ in range(100):  # bounded: a job ends in milliseconds here
-                if dispatch.finished:
-                    break
+            end = time.monotonic() + STREAM_LIMIT_S  # bounded (a job ends in under a second)
+            while not dispatch.finished and time.monotonic() < end:
                 await dispatch.next(timeout=5.0)
         finally:
             await dispatch.close()
