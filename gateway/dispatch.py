@@ -98,6 +98,8 @@ class Dispatch:
         try:
             if not self.finished and self.cancel_on_exit:
                 await self.store.cancel(self.job.model, self.job.id, message="the client went away")
+        except (RedisError, OSError) as exc:  # the job runs on unheard; its log keeps it
+            log.warning("cancel_failed", job_id=self.job.id, error=str(exc))
         finally:
             if self.observer is not None:
                 self.observer.on_exit(self)

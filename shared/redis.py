@@ -24,6 +24,7 @@ from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared.redis_cluster import SlipstreamCluster
 from shared.settings import ClusterUrl, SentinelUrl, parse_cluster_url, parse_sentinel_url
 
 RedisClient: TypeAlias = Redis | RedisCluster
@@ -163,8 +164,6 @@ def _sentinel_master(
         db=target.db,
         username=target.username,
         password=target.password,
-        # a map with a dead master's slots uncovered still serves the other shards
-        require_full_coverage=False,
         **tls,
         **options,
     )
@@ -172,16 +171,23 @@ def _sentinel_master(
 
 
 def _cluster(target: ClusterUrl, options: dict[str, Any]) -> RedisCluster:
-    """A Redis Cluster client starting from ``target``'s nodes.
+    """A Redis Cluster client starting from ``target``'s nodes (redis-py's, with the failure
+    behaviour of ``shared/redis_cluster.py``).
 
-    A node's connection retries (``retry``) span a failover: a command to a master that died
-    keeps reconnecting with backoff until redis-py gives up on the node, refreshes the slot
-    map and sends the command to the promoted replica. Connections per node are not capped
-    (redis-py's cluster client fails, rather than waits, past its cap).
+    A dead node fails fast: one reconnection attempt, a one-second connect timeout. The slot
+    map is re-read (under one lock for the whole client) after a node fails, from the first
+    node that answers; a node that kept every command waiting through seconds of reconnection
+    backoff would hold up the other shards' commands behind that refresh (seen: leases of
+    healthy shards expired). A command to the dead shard itself is retried by redis-py on
+    the new map (three times), then by its caller, as any Redis error is; the shard comes
+    back when its replica is promoted. Connections per node are not capped (redis-py's
+    cluster client fails, rather than waits, past its cap).
     """
     tls: dict[str, Any] = {"ssl": True, **target.tls_options} if target.tls else {}
     options = {k: v for k, v in options.items() if k not in ("max_connections", "timeout")}
-    client: RedisCluster = RedisCluster(
+    options["retry"] = _Retry(EqualJitterBackoff(cap=0.25, base=0.05), retries=1)
+    options["socket_connect_timeout"] = 1.0
+    client: RedisCluster = SlipstreamCluster(  # type: ignore[abstract]
         startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
         username=target.username,
         password=target.password,
@@ -217,7 +223,7 @@ def node_name(client: RedisClient, key: str) -> str:
 
 
 def forget_slot_map(client: RedisClient) -> None:
-    """Make a cluster client re-read the slot map before its next command (after a node it
+    """Make a cluster client re-read the slot map soon, in the background (after a node it
     used failed or answered MOVED); nothing for a single server."""
-    if isinstance(client, RedisCluster):
-        client._initialize = True  # redis-py's own flag, set the same way on a failed node
+    if isinstance(client, SlipstreamCluster):
+        client.refresh_soon()

@@ -232,12 +232,19 @@ class Worker:
 
     # --- heartbeat and control ----------------------------------------------------------
     async def heartbeat_once(self, **changes: object) -> None:
+        """Renew this worker's leases, then advertise it (registry, capacity, warm state)."""
+        await self.renew_leases()
+        await self.advertise(**changes)
+
+    async def renew_leases(self) -> None:
         leases = {jid: c.fence for jid, (_, c) in self.running.items()}
         lease_ms = int(self.settings.lease_s * 1000)
         held = await self.store.renew(self.settings.model, leases, lease_ms)
         for job_id, ours in held.items():
             if not ours and job_id in self.running:
                 self.running[job_id][0].cancel()
+
+    async def advertise(self, **changes: object) -> None:
         fields: dict[str, object] = {
             "tokens_in_use": self.capacity.tokens_in_use,
             "seqs_in_use": self.capacity.seqs_in_use,
@@ -254,12 +261,28 @@ class Worker:
             await self.advertiser.beat(cap.free_tokens, free_seqs, self.engine.warm())
 
     async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.heartbeat_s)
-            try:
-                await self.heartbeat_once()
-            except (RedisError, OSError) as exc:
-                log.warning("heartbeat_failed", error=str(exc))
+        """Leases on time, the advertisement beside them: the registry's keys are global (in
+        Redis Cluster, on another shard than the model's, which may be failing over), and a
+        slow or failing registry write must not delay the next lease renewal past the lease."""
+        advertising: asyncio.Task[None] | None = None
+        try:
+            while True:
+                await asyncio.sleep(self.settings.heartbeat_s)
+                try:
+                    await self.renew_leases()
+                except (RedisError, OSError) as exc:
+                    log.warning("heartbeat_failed", error=str(exc), part="leases")
+                if advertising is None or advertising.done():
+                    advertising = asyncio.create_task(self._advertise_logged())
+        finally:
+            if advertising is not None:
+                await cancel_and_wait([advertising])
+
+    async def _advertise_logged(self) -> None:
+        try:
+            await self.advertise()
+        except (RedisError, OSError) as exc:
+            log.warning("heartbeat_failed", error=str(exc), part="registry")
 
     async def _control_loop(self) -> None:
         """Cancel running jobs the gateway cancelled (``cancel <job id>`` messages on the
