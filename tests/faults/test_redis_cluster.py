@@ -27,26 +27,11 @@ from worker.engines.sim import greedy_text
 
 pytestmark = pytest.mark.timeout(90)
 
-# Known defects (issue 13), found by these tests against redis-py 5.3.1's asyncio cluster
-# client as shared.redis.connect configured it at 4e725f7; not strict, so that the fixes in
-# progress (shared/redis_cluster.py) do not fail the suite: drop a marker once its test
-# passes reliably.
-STALL = pytest.mark.xfail(
-    strict=False,
-    reason="after a failure redis-py re-reads the layout and runs COMMAND on its default node, "
-    "slot 0's master: while that master is dead every command of the client, to every shard, "
-    "fails until the failover",
-)
-NOT_REDIS_ERROR = pytest.mark.xfail(
-    strict=False,  # a race: most runs, not all
-    reason="a ConnectionError to the dead node makes redis-py close every node's connections "
-    "(RedisCluster.aclose) under concurrent commands, which then raise AttributeError "
-    "('NoneType' object has no attribute 'writelines' / 'name') or RuntimeError "
-    "('dictionary changed size during iteration': NodesManager.initialize iterates "
-    "startup_nodes across awaits while _execute_command pops a failed node from it), not a "
-    "RedisError; worker/emit_batcher.py's writer dies of it (its jobs' emitters wait forever) "
-    "and the gateway's relay cuts the stream",
-)
+# These tests found three defects of redis-py 5.3.1's asyncio cluster client in a failover
+# (shared/redis_cluster.py says each and how SlipstreamCluster avoids it): slot 0's master
+# dying stalled every shard; a failed node closed every connection, in use or not, and
+# commands died of AttributeError/RuntimeError instead of a RedisError; healthy shards'
+# commands queued behind slot-map refreshes. Each parametrisation failed before the fix.
 STREAMS = 6  # per model, three models
 UNDISTURBED_GAP_S = 1.0  # a stream of another shard never goes silent this long
 
