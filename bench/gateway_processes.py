@@ -33,9 +33,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -45,6 +46,8 @@ from bench.machine import describe
 from bench.process import PYTHON, own_cpu_seconds, wait_until
 from bench.stats import combine, percentile
 from bench.streams import _delivery, _loop_lag, _open, _probe, _wait_open
+
+T = TypeVar("T")
 
 CLIENT = r"""
 import asyncio, json, sys, time
@@ -145,58 +148,59 @@ def _gateway_tree(arm: SlipstreamArm) -> list[psutil.Process]:
         return []
 
 
-def _gateway_rss(arm: SlipstreamArm) -> int:
-    total = 0
-    for proc in _gateway_tree(arm):
+def _read(procs: list[psutil.Process], fn: Callable[[psutil.Process], T]) -> list[T]:
+    """``fn`` of each process still there (one that exited in between is left out)."""
+    out = []
+    for proc in procs:
         try:
-            total += proc.memory_info().rss
+            out.append(fn(proc))
         except psutil.Error:
             continue
-    return total
+    return out
+
+
+def _serving(arm: SlipstreamArm) -> list[psutil.Process]:
+    """The processes that accept and relay: the supervisor's children, or the only one."""
+    tree = _gateway_tree(arm)
+    return tree[1:] or tree
+
+
+def _gateway_rss(arm: SlipstreamArm) -> int:
+    return sum(_read(_gateway_tree(arm), lambda p: int(p.memory_info().rss)))
+
+
+def _gateway_uss(arm: SlipstreamArm) -> int:
+    """Memory only the gateway's processes hold (RSS counts the pages a forked child still
+    shares with its supervisor once per process)."""
+    return sum(_read(_gateway_tree(arm), lambda p: int(p.memory_full_info().uss)))
 
 
 def _child_cpu(arm: SlipstreamArm) -> dict[int, float]:
-    """CPU seconds of each gateway process that serves (the children when N > 1)."""
-    tree = _gateway_tree(arm)
-    serving = tree[1:] or tree
-    out: dict[int, float] = {}
-    for proc in serving:
-        try:
-            t = proc.cpu_times()
-        except psutil.Error:
-            continue
-        out[proc.pid] = t.user + t.system
-    return out
+    """CPU seconds of each serving gateway process, by pid."""
+    return dict(_read(_serving(arm), lambda p: (p.pid, float(sum(p.cpu_times()[:2])))))
 
 
 def _streams_per_process(arm: SlipstreamArm) -> list[int]:
     """Client connections each serving gateway process holds (which process accepted what)."""
-    tree = _gateway_tree(arm)
-    out = []
-    for proc in tree[1:] or tree:
-        try:
-            conns = proc.net_connections(kind="tcp")
-        except psutil.Error:
-            continue
-        out.append(
-            sum(
-                1
-                for c in conns
-                if c.laddr and c.laddr.port == arm.port and c.status == "ESTABLISHED"
-            )
+
+    def held(proc: psutil.Process) -> int:
+        conns = proc.net_connections(kind="tcp")
+        return sum(
+            1 for c in conns if c.laddr and c.laddr.port == arm.port and c.status == "ESTABLISHED"
         )
-    return out
+
+    return _read(_serving(arm), held)
 
 
 async def _start(arm: SlipstreamArm, n: int) -> None:
-    """The arm is up once every one of the N gateway processes answers ``/readyz`` (the arm
-    itself waits for one answer, which the first process ready gives)."""
+    """The arm has had one ``/readyz`` answer (from whichever process was ready first); wait
+    until the supervisor has forked all N, then 2 s for each to build its app and connect."""
 
     async def children_ready() -> bool:
         return n == 1 or len(_gateway_tree(arm)) - 1 >= n
 
     await wait_until(children_ready, timeout=60, what=f"{n} gateway processes")
-    await asyncio.sleep(2.0)  # the children build their apps and connect to Redis
+    await asyncio.sleep(2.0)
 
 
 def _arm(plan: Plan, n: int, fleet: list[Backend], workdir: Path) -> SlipstreamArm:
@@ -275,7 +279,7 @@ async def hold_once(plan: Plan, n: int, count: int, workdir: Path) -> dict[str, 
     async with _arm(plan, n, fleet, workdir) as arm:
         assert isinstance(arm, SlipstreamArm)
         await _start(arm, n)
-        baseline = _gateway_rss(arm)
+        baseline, baseline_uss = _gateway_rss(arm), _gateway_uss(arm)
         stop, lags = asyncio.Event(), list[float]()
         lagger = asyncio.create_task(_loop_lag(stop, lags))
         results, sampled, tasks = await _open(arm.target(), count, plan, tokens)
@@ -299,6 +303,7 @@ async def hold_once(plan: Plan, n: int, count: int, workdir: Path) -> dict[str, 
         "opened": opened,
         "errors": sorted({r.error for r in results if r.error})[:3],
         "rss_baseline_mb": round(baseline / 2**20, 1),
+        "uss_baseline_mb": round(baseline_uss / 2**20, 1),
         "rss_plateau_mb": round(plateau / 2**20, 1),
         "kb_per_stream": round((plateau - baseline) / 1024 / max(1, opened), 2),
         "delivery_p50_ms": _r(percentile(latencies, 50)),
@@ -394,12 +399,15 @@ def _hold_order(item: tuple[str, Any]) -> tuple[int, int]:
 def render(result: dict[str, Any]) -> str:
     """The two tables of docs/gateway_processes.md (medians, min-max over the reps)."""
 
+    def fmt(v: float) -> str:
+        return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+
     def cell(row: dict[str, Any], key: str) -> str:
         value, lo, hi = row.get(key), row.get(f"{key}_min"), row.get(f"{key}_max")
         if value is None:
             return "-"
-        spread = f" ({lo:g}-{hi:g})" if lo is not None and lo != hi else ""
-        return f"{value:g}{spread}"
+        spread = f" ({fmt(lo)}-{fmt(hi)})" if lo is not None and hi is not None and lo != hi else ""
+        return fmt(value) + spread
 
     lines = [
         "| N | tokens/s | gateway cores | all cores | gateway share | gateway µs/token "
@@ -415,7 +423,8 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"| {n} | {' | '.join(cells)} | {per} | {busy} |")
     lines += [
         "",
-        "| N | streams | opened | KB/stream | gateway RSS MB (before) | delivery p50 / p99 ms "
+        "| N | streams | opened | KB/stream | gateway RSS MB (before; USS before) "
+        "| delivery p50 / p99 ms "
         "| healthz p50 / p99 ms | tokens/s per stream | gateway cores | streams per process "
         "| machine busy cores |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -425,7 +434,8 @@ def render(result: dict[str, Any]) -> str:
         split = "; ".join(" + ".join(map(str, run)) for run in row.get("streams_per_process", []))
         lines.append(
             f"| {n} | {count} | {cell(row, 'opened')} | {cell(row, 'kb_per_stream')} "
-            f"| {cell(row, 'rss_plateau_mb')} ({cell(row, 'rss_baseline_mb')}) "
+            f"| {cell(row, 'rss_plateau_mb')} ({cell(row, 'rss_baseline_mb')}; "
+            f"{cell(row, 'uss_baseline_mb')}) "
             f"| {cell(row, 'delivery_p50_ms')} / {cell(row, 'delivery_p99_ms')} "
             f"| {cell(row, 'healthz_p50_ms')} / {cell(row, 'healthz_p99_ms')} "
             f"| {cell(row, 'tokens_per_s_per_stream')} | {cell(row, 'gateway_cores')} "
@@ -434,18 +444,29 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _parser() -> argparse.ArgumentParser:
+    """``--out``, ``--tiny`` and one option per field of ``Plan`` (``--relay-tps 2000``)."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/gateway_processes.json"))
+    parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run")
+    for f in fields(Plan):
+        default = getattr(Plan(), f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, tuple):
+            parser.add_argument(flag, type=int, nargs="+", default=default)
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+    return parser
+
+
 def _plan(args: argparse.Namespace) -> Plan:
     if args.tiny:
         return TINY
-    return Plan(
-        reps=args.reps,
-        relay_streams=args.relay_streams,
-        relay_tps=args.relay_tps,
-        relay_seconds=args.relay_seconds,
-        hold=tuple(args.hold),
-        hold_reps=args.hold_reps,
-        hold_s=args.hold_s,
-    )
+    values: dict[str, Any] = {}
+    for f in fields(Plan):
+        value = getattr(args, f.name)
+        values[f.name] = tuple(value) if isinstance(value, list) else value
+    return Plan(**values)
 
 
 def _tree() -> dict[str, Any]:
@@ -462,17 +483,7 @@ def _tree() -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("docs/gateway_processes.json"))
-    parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run")
-    parser.add_argument("--reps", type=int, default=3, help="relay repetitions per arm")
-    parser.add_argument("--relay-streams", type=int, default=64)
-    parser.add_argument("--relay-tps", type=float, default=1000.0, help="tokens/s per stream")
-    parser.add_argument("--relay-seconds", type=float, default=10.0)
-    parser.add_argument("--hold", type=int, nargs="*", default=[1000, 2000, 4000])
-    parser.add_argument("--hold-reps", type=int, default=2)
-    parser.add_argument("--hold-s", type=float, default=15.0)
-    args = parser.parse_args()
+    args = _parser().parse_args()
     plan = _plan(args)
     machine = describe()
     with tempfile.TemporaryDirectory() as tmp:
