@@ -98,6 +98,14 @@ async def test_client_keeps_serving_the_other_shards(group: RedisClusterSet, vic
                 escaped.append(exc)
             await asyncio.sleep(0.01)
 
+    lags: list[tuple[float, float]] = []  # (when, how late) this process's loop ran
+
+    async def ticker(until: float) -> None:
+        while time.monotonic() < until:
+            began = time.monotonic()
+            await asyncio.sleep(0.01)
+            lags.append((began, time.monotonic() - began - 0.01))
+
     try:
         until = time.monotonic() + 30
         runs = [
@@ -105,6 +113,7 @@ async def test_client_keeps_serving_the_other_shards(group: RedisClusterSet, vic
             for target in (key, lost)
             for pipelined in (False, True)
         ]
+        runs.append(asyncio.create_task(ticker(until)))
         await asyncio.sleep(0.5)
         group.kill_master(doomed)
         slot = min(s for s, port in group.slot_owners(healthy).items() if port == doomed)
@@ -116,9 +125,14 @@ async def test_client_keeps_serving_the_other_shards(group: RedisClusterSet, vic
     finally:
         await client.aclose()
         gc.collect()  # the leaked objects go now, under this test's warning filter
-    gap = max(b - a for a, b in itertools.pairwise(served))
+    gap, start = max((b - a, a) for a, b in itertools.pairwise(served))
+    # on a shared, loaded machine this process itself may not run for a while: that part of
+    # the gap is the scheduler's, not Redis's or the client's
+    late = max((lag for when, lag in lags if start <= when <= start + gap), default=0.0)
     assert not escaped, f"not a RedisError: {[repr(e) for e in escaped[:3]]}"
-    assert gap < UNDISTURBED_GAP_S, f"the healthy shard went unserved for {gap:.2f} s"
+    assert gap - late < UNDISTURBED_GAP_S, (
+        f"the healthy shard went unserved for {gap:.2f} s ({late:.2f} s of it not scheduled)"
+    )
 
 
 def check_all(outcome: Outcome) -> None:
