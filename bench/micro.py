@@ -1,0 +1,181 @@
+"""Micro-benchmarks behind docs/benchmarks.md's "Round 2" (issue 15): CPU per operation of
+one piece of the first token's path, in process, where a shared machine's end-to-end noise is
+larger than the piece.
+
+    .venv/bin/python -m bench.micro logs        # one structlog line, and one below the level
+    .venv/bin/python -m bench.micro sse         # one short SSE response (one frame, the last)
+    .venv/bin/python -m bench.micro telemetry   # FastAPI's telemetry checks per request
+    .venv/bin/python -m bench.micro redis       # a GET round trip: redis-py as is, lean send
+
+``PYTHONPATH=<another checkout>`` measures that tree's code (before/after). Each prints CPU µs
+per operation (``time.process_time``), three rounds. ``redis`` starts its own redis-server on
+the same CPU as this process (as in the overhead experiment, where they share one core).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import uvloop
+
+ROUNDS, N = 3, 20_000
+
+
+def _cpu_us(fn: Callable[[], object], n: int = N) -> float:
+    started = time.process_time()
+    for _ in range(n):
+        fn()
+    return round((time.process_time() - started) * 1e6 / n, 1)
+
+
+async def _acpu_us(fn: Callable[[], Awaitable[object]], n: int = N) -> float:
+    started = time.process_time()
+    for i in range(n):
+        await fn()
+        if i % 100 == 0:
+            await asyncio.sleep(0)  # let what was cancelled finish
+    return round((time.process_time() - started) * 1e6 / n, 1)
+
+
+def logs() -> None:
+    import structlog
+
+    from shared.logs import configure_logging
+
+    configure_logging("json", "info")
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (the lines' destination, kept open)
+    for handler in __import__("logging").getLogger().handlers:
+        handler.setStream(sys.stderr)  # type: ignore[attr-defined]
+    log = structlog.get_logger("slipstream.gateway")
+    entry = {"model": "sim-model", "status": 200, "ttft_ms": 1.23, "tokens": 8, "outcome": "ok"}
+    for _ in range(ROUNDS):
+        line = _cpu_us(lambda: log.info("request_finished", job_id="abc", **entry))
+        below = _cpu_us(lambda: log.debug("relay_event", job_id="abc"))
+        print(f"info line {line} µs, line below the level {below} µs", file=sys.__stdout__)
+
+
+async def sse() -> None:
+    from gateway.multiplexer import Deadlines
+    from gateway.sse import SSEResponse, StreamCut
+
+    deadlines, never = Deadlines(), asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await never.wait()  # like uvicorn's: nothing until the client goes away
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        return None
+
+    async def one() -> None:
+        cut = StreamCut()
+
+        async def frames() -> Any:
+            cut.last_frame = True
+            yield b"id: 1\ndata: x\n\n"
+
+        response = SSEResponse(
+            frames(), headers={}, send_timeout_s=30.0, cut=cut, deadlines=deadlines
+        )
+        await response({"type": "http", "path": "/x"}, receive, send)
+
+    await _acpu_us(one, 500)
+    for _ in range(ROUNDS):
+        print(f"short SSE response {await _acpu_us(one)} µs")
+
+
+async def telemetry() -> None:
+    from fastapi import FastAPI
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    async def ok(request: Request) -> Response:
+        return Response(b"ok")
+
+    def app(off: bool) -> FastAPI:
+        options: Any = {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+        made = FastAPI(**(options if off else {}))
+        made.router.routes.append(Route("/x", ok, methods=["POST"]))
+        return made
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST"}
+    scope |= {"scheme": "http", "path": "/x", "raw_path": b"/x", "query_string": b""}
+    scope |= {"root_path": "", "headers": [(b"host", b"x")], "client": ("127.0.0.1", 1)}
+    scope |= {"server": ("127.0.0.1", 2), "state": {}}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        return None
+
+    apps = {"default": app(False), "telemetry off": app(True)}
+    for _ in range(ROUNDS):
+        row = {}
+        for name, made in apps.items():
+            row[name] = await _acpu_us(lambda made=made: made(dict(scope), receive, send))
+        print(f"request through FastAPI: {row} µs")
+
+
+async def redis() -> None:
+    from redis.asyncio.connection import Connection
+
+    from shared.redis import connect
+
+    class LeanConnection(Connection):
+        """Writes at once while the write buffer is empty (``drain()`` would return at once);
+        otherwise redis-py's own send, with ``wait_for`` and its task."""
+
+        async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            health_due = check_health and self.health_check_interval
+            if (
+                not self.is_connected
+                or self._writer.transport.get_write_buffer_size()  # type: ignore[union-attr]
+                or (health_due and asyncio.get_running_loop().time() > self.next_health_check)
+            ):
+                return await super().send_packed_command(command, check_health)
+            if isinstance(command, str):
+                command = command.encode()
+            self._writer.writelines([command] if isinstance(command, bytes) else command)  # type: ignore[union-attr]
+
+    port = 6300 + os.getpid() % 1000
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        await asyncio.sleep(0.5)
+        for _ in range(ROUNDS):
+            row = {}
+            for name in ("as is", "lean send"):
+                client = connect(f"redis://127.0.0.1:{port}/0")
+                if name == "lean send":
+                    client.connection_pool.connection_class = LeanConnection
+                await client.set("k", "v")
+                row[name] = await _acpu_us(lambda client=client: client.get("k"))
+                await client.aclose()
+            print(f"GET round trip, client CPU: {row} µs")
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def main() -> None:
+    what = sys.argv[1] if len(sys.argv) > 1 else ""
+    if what == "logs":
+        logs()
+    elif what in ("sse", "telemetry", "redis"):
+        uvloop.run({"sse": sse, "telemetry": telemetry, "redis": redis}[what]())
+    else:
+        raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main()
