@@ -73,6 +73,16 @@ def _userinfo(netloc: str) -> tuple[str, str, str]:
     return unquote(username), unquote(password), hosts
 
 
+def _options(query: str, allowed: tuple[str, ...], kind: str) -> dict[str, str]:
+    """A URL's query options; an unknown one (a typo in a TLS option must not silently turn
+    verification off) raises ``ValueError``."""
+    options = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {kind} URL option(s): {', '.join(unknown)}")
+    return options
+
+
 def parse_sentinel_url(url: str) -> SentinelUrl | None:
     """The Sentinel URL's parts, or None when ``url`` is not a Sentinel URL (plain Redis).
 
@@ -90,10 +100,7 @@ def parse_sentinel_url(url: str) -> SentinelUrl | None:
         raise ValueError("a Sentinel URL needs at least one sentinel and a service name")
     if db and not db.isdigit():
         raise ValueError(f"the database must be a number, not {db!r}")
-    options = dict(parse_qsl(query, keep_blank_values=True))
-    unknown = sorted(set(options) - set(_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown Sentinel URL option(s): {', '.join(unknown)}")
+    options = _options(query, _OPTIONS, "Sentinel")
     return SentinelUrl(
         sentinels=sentinels,
         service=unquote(service),
@@ -134,10 +141,7 @@ def parse_cluster_url(url: str) -> ClusterUrl | None:
         raise ValueError("a Cluster URL needs at least one node")
     if path.strip("/") not in ("", "0"):
         raise ValueError(f"Redis Cluster has only database 0, not {path.strip('/')!r}")
-    options = dict(parse_qsl(query, keep_blank_values=True))
-    unknown = sorted(set(options) - set(_TLS_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown Cluster URL option(s): {', '.join(unknown)}")
+    options = _options(query, _TLS_OPTIONS, "Cluster")
     return ClusterUrl(
         nodes=nodes,
         username=username or None,
