@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 from collections.abc import Iterable
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -37,7 +38,7 @@ class Heard:
         raise AssertionError(f"never heard {entry}: {self.log}")
 
 
-async def publish_until_heard(redis: Redis, heard: Heard, channel: str, data: str) -> None:
+async def publish_until_heard(redis: Any, heard: Heard, channel: str, data: str) -> None:
     for _ in range(250):  # bounded: 5 s
         await redis.spublish(channel, data)
         if ("message", data) in heard.log:
