@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 
-from redis.exceptions import RedisError
-
 from shared.aio import cancel_and_wait
 from shared.jobs import Claimed, Emit, JobStore
 from shared.models import EventBatch, JobState
@@ -52,7 +50,10 @@ class EmitBatcher:
             del self.waiting[: self.max_batch]
             try:
                 results = await self.store.emit_many([emit for emit, _ in taken])
-            except (RedisError, OSError) as exc:
+            except Exception as exc:
+                # a Redis error, or any other a client library raises: these writes fail (their
+                # callers retry Redis errors); a writer that died instead would leave every
+                # later write waiting forever
                 for _, done in taken:
                     if not done.done():
                         done.set_exception(exc)
