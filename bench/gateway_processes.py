@@ -262,6 +262,7 @@ def _relay_row(
         "gateway_cores": round(gateway / took, 2),
         "all_cores": round(total / took, 2),
         "gateway_share": round(gateway / total, 3) if total else None,
+        "tokens_per_core_used": round(tokens / total) if total else None,
         "gateway_us_per_token": per_token.get("gateway"),
         "tokens_per_gateway_core": round(tokens / gateway) if gateway else None,
         "cores": {k: round(v / took, 2) for k, v in cpu.items()},
@@ -423,7 +424,7 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"| {n} | {' | '.join(cells)} | {per} | {busy} |")
     lines += [
         "",
-        "| N | streams | opened | KB/stream | gateway RSS MB (before; USS before) "
+        "| N | streams | opened | KB/stream | gateway RSS MB (before) "
         "| delivery p50 / p99 ms "
         "| healthz p50 / p99 ms | tokens/s per stream | gateway cores | streams per process "
         "| machine busy cores |",
@@ -434,8 +435,7 @@ def render(result: dict[str, Any]) -> str:
         split = "; ".join(" + ".join(map(str, run)) for run in row.get("streams_per_process", []))
         lines.append(
             f"| {n} | {count} | {cell(row, 'opened')} | {cell(row, 'kb_per_stream')} "
-            f"| {cell(row, 'rss_plateau_mb')} ({cell(row, 'rss_baseline_mb')}; "
-            f"{cell(row, 'uss_baseline_mb')}) "
+            f"| {cell(row, 'rss_plateau_mb')} ({cell(row, 'rss_baseline_mb')}) "
             f"| {cell(row, 'delivery_p50_ms')} / {cell(row, 'delivery_p99_ms')} "
             f"| {cell(row, 'healthz_p50_ms')} / {cell(row, 'healthz_p99_ms')} "
             f"| {cell(row, 'tokens_per_s_per_stream')} | {cell(row, 'gateway_cores')} "
