@@ -257,7 +257,7 @@ def streams_md(results: dict[str, Any]) -> str:
         f"Each stream: 1 token/s, SSE ping every {section['ping_s']:.0f} s; streams opened at "
         f"{section['ramp_per_s']:.0f}/s, then measured while all are open. Memory = gateway RSS "
         "at the plateau minus before the ramp, per open stream. Delivery = publish (Redis "
-        "timestamp of the event-log entry written with the PUBLISH) to client arrival. "
+        "timestamp of the event-log entry written with the SPUBLISH) to client arrival. "
         "Loop lag = `GET /healthz` round trip from a separate probe process. Gateway µs/event "
         "= its CPU over the events relayed (one token each, pings included)"
         f"{_pinned(section)}.\n\n"

@@ -1,8 +1,8 @@
 """The relay takes a pub/sub batch only from the job's current claim (its fence): a batch
-published straight into a job's channel by anyone else (a forger with PUBLISH rights, a
+published straight into a job's channel by anyone else (a forger with SPUBLISH rights, a
 stale worker whose lease was taken over) never reaches the client, and the real output
 arrives once, in order. The test plays the workers with ``JobStore`` against real Redis and
-a real gateway; the forger is a plain ``PUBLISH``."""
+a real gateway; the forger is a plain ``SPUBLISH``."""
 
 from __future__ import annotations
 
