@@ -36,6 +36,11 @@ class _Retry(Retry):
     """redis-py's async retry (``redis.retry.Retry``, the sync one, never retries the async
     client: its loop returns the coroutine unawaited), except for a refused login.
 
+    A write to a connection whose transport closed (the server died, a failover) raises
+    ``RuntimeError`` under uvloop ("the handler is closed") where asyncio raises an ``OSError``
+    that redis-py turns into a ``ConnectionError``: it becomes one here, so it is retried on a
+    new connection (seen: a stream cut during a Sentinel failover).
+
     ``AuthenticationError`` is a ``ConnectionError`` to redis-py, but a wrong password does not
     heal with time, and retrying it recurses: the health check's PING reconnects, whose first
     command runs the health check again (redis-py 5.3).
@@ -49,6 +54,8 @@ class _Retry(Retry):
                 return await do()
             except AuthenticationError as exc:
                 raise _Refused(exc) from exc
+            except RuntimeError as exc:  # retried like the connection error it is
+                raise RedisConnectionError(f"connection lost: {exc}") from exc
 
         try:
             return await super().call_with_retry(once, fail)
