@@ -144,8 +144,7 @@ class ShardedSubscriber:
             await link.send("SSUBSCRIBE", channel)
 
     async def _link_for(self, channel: str) -> ShardLink:
-        await self._refresh_map()
-        node = node_name(self.client, channel)
+        node = await node_name(self.client, channel)
         async with self._locks.setdefault(node, asyncio.Lock()):
             link = self.links.get(node)
             if link is None:
@@ -153,12 +152,6 @@ class ShardedSubscriber:
                 link = self.links[node] = ShardLink(node, connection)
                 self._spawn(self._read_loop(link))
             return link
-
-    async def _refresh_map(self) -> None:
-        """Let a cluster client read a slot map it was told to forget (no-op otherwise)."""
-        initialize = getattr(self.client, "initialize", None)
-        if initialize is not None:
-            await initialize()
 
     async def _read_loop(self, link: ShardLink) -> None:
         try:

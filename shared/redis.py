@@ -220,10 +220,11 @@ async def open_node_connection(client: RedisClient, key: str) -> AbstractConnect
     return connection
 
 
-def node_name(client: RedisClient, key: str) -> str:
+async def node_name(client: RedisClient, key: str) -> str:
     """The ``host:port`` of the node owning ``key``'s slot as the client knows it now ('' for
-    a single server: there is one)."""
+    a single server: there is one); a cluster client reads its first slot map here."""
     if isinstance(client, RedisCluster):
+        await client.initialize()
         name: str = client.nodes_manager.get_node_from_slot(client.keyslot(key)).name
         return name
     return ""

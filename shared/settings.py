@@ -83,17 +83,26 @@ def _options(query: str, allowed: tuple[str, ...], kind: str) -> dict[str, str]:
     return options
 
 
+def _split(url: str, schemes: dict[str, bool]) -> tuple[bool, str, str, str, str, str] | None:
+    """``(tls, username, password, hosts, path, query)`` of a URL with one of ``schemes``
+    (scheme -> TLS), or None for any other URL."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in schemes:
+        return None
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    return (schemes[scheme.lower()], *_userinfo(netloc), path, query)
+
+
 def parse_sentinel_url(url: str) -> SentinelUrl | None:
     """The Sentinel URL's parts, or None when ``url`` is not a Sentinel URL (plain Redis).
 
     Raises ``ValueError`` for a malformed one: no sentinel, no service name, a bad db or an
     unknown option (a typo in a TLS option must not silently turn verification off)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in SENTINEL_SCHEMES:
+    parts = _split(url, SENTINEL_SCHEMES)
+    if parts is None:
         return None
-    rest, _, query = rest.partition("?")
-    netloc, _, path = rest.partition("/")
-    username, password, hosts = _userinfo(netloc)
+    tls, username, password, hosts, path, query = parts
     sentinels = tuple(_host_port(h) for h in hosts.split(",") if h)
     service, _, db = path.strip("/").partition("/")
     if not sentinels or not service:
@@ -109,7 +118,7 @@ def parse_sentinel_url(url: str) -> SentinelUrl | None:
         password=password or None,
         sentinel_username=options.get("sentinel_username") or None,
         sentinel_password=options.get("sentinel_password") or None,
-        tls=SENTINEL_SCHEMES[scheme.lower()],
+        tls=tls,
         tls_options={k: v for k, v in options.items() if k in _TLS_OPTIONS},
     )
 
@@ -130,12 +139,10 @@ def parse_cluster_url(url: str) -> ClusterUrl | None:
 
     Raises ``ValueError`` for a malformed one: no node, a database other than 0 (Redis
     Cluster has one), or an unknown option."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in CLUSTER_SCHEMES:
+    parts = _split(url, CLUSTER_SCHEMES)
+    if parts is None:
         return None
-    rest, _, query = rest.partition("?")
-    netloc, _, path = rest.partition("/")
-    username, password, hosts = _userinfo(netloc)
+    tls, username, password, hosts, path, query = parts
     nodes = tuple(_host_port(h, 6379) for h in hosts.split(",") if h)
     if not nodes:
         raise ValueError("a Cluster URL needs at least one node")
@@ -146,7 +153,7 @@ def parse_cluster_url(url: str) -> ClusterUrl | None:
         nodes=nodes,
         username=username or None,
         password=password or None,
-        tls=CLUSTER_SCHEMES[scheme.lower()],
+        tls=tls,
         tls_options=options,
     )
 
