@@ -3,11 +3,13 @@
 Each script is a file in ``shared/lua/`` (package data), read once at import. It starts with
 its signature: one line per KEYS and ARGV entry, ``local name = KEYS[i]  -- what it is`` (the
 entry may be wrapped, as in ``tonumber(ARGV[3])``; a list-valued last entry is
-``{unpack(KEYS, i)}``). No other line of a script reads ``KEYS`` or ``ARGV``: the loader
-checks both at import, so a script that breaks the rule fails every test at once. A caller
-passes every name as a keyword (``await ENQUEUE.call(redis, job=..., queue=...)``); a missing
-or unknown name raises ``TypeError`` before anything reaches Redis, so no value can slip into
-another's position. The trade-off: the names are checked when called, not by mypy.
+``{unpack(KEYS, i)}``, at most ``MAX_TAIL`` items: Lua's ``unpack`` fails past its C stack,
+~8,000 values, so a caller with more splits them over calls). No other line of a script
+reads ``KEYS`` or ``ARGV``: the loader checks both at import, so a script that breaks the
+rule fails every test at once. A caller passes every name as a keyword (``await
+ENQUEUE.call(redis, job=..., queue=...)``); a missing or unknown name raises ``TypeError``
+before anything reaches Redis, so no value can slip into another's
+position. The trade-off: the names are checked when called, not by mypy.
 
 Every key a script touches belongs to one model: the names carry the ``{model}`` hash tag
 (one Redis Cluster slot). Keys known before the call come through KEYS; the few found only
@@ -48,6 +50,10 @@ _BINDING = re.compile(r"local (\w+)\s*=\s*(.*?)\s*--\s*\S")
 _ENTRY = re.compile(r"\b(KEYS|ARGV)\[(\d+)\]")
 _TAIL = re.compile(r"^\{unpack\((KEYS|ARGV), (\d+)\)\}$")
 _USE = re.compile(r"\b(KEYS|ARGV)\b")
+# the most items a list-valued tail may hold: ``unpack`` raises "too many results to unpack"
+# past LUAI_MAXCSTACK (8,000 in Redis's Lua 5.1), a limit found when 10,000 running jobs'
+# leases went out in one RENEW and every renewal failed
+MAX_TAIL = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +75,9 @@ class Script:
         if named.keys() != self.names:
             missing, unknown = sorted(self.names - named.keys()), sorted(named.keys() - self.names)
             raise TypeError(f"{self.name}: missing {missing}, unknown {unknown}")
+        for tail in (self.key_tail, self.arg_tail):
+            if tail and len(named[tail]) > MAX_TAIL:
+                raise ValueError(f"{self.name}: {tail} holds over {MAX_TAIL} items; split it")
         keys = [named[n] for n in self.keys]
         if self.key_tail:
             keys.extend(named[self.key_tail])

@@ -34,6 +34,20 @@ def test_a_call_names_every_argument() -> None:
         scripts.HANDBACK.bind({**named, "jobid": "x"})
 
 
+async def test_a_list_past_luas_unpack_limit_fails_in_python(redis: Redis) -> None:
+    """Redis answers "too many results to unpack" past ~8,000 items; ``bind`` refuses a list
+    over ``MAX_TAIL`` first, and lists at the bound run."""
+    ids = [f"j{i}" for i in range(scripts.MAX_TAIL // 2)]  # (id, fence) pairs: MAX_TAIL args
+    named: dict[str, Any] = {"leases": "{m}:leases", "lease_ms": 1000}
+    pairs = [x for i in ids for x in (i, 1)]
+    reply = await scripts.RENEW.call(
+        redis, **named, jobs=[f"{{m}}:{i}" for i in ids], id_fences=pairs
+    )
+    assert reply == [0] * len(ids)  # no such jobs: none held
+    with pytest.raises(ValueError, match="id_fences holds over 4096"):
+        scripts.RENEW.bind({**named, "jobs": ids, "id_fences": [*pairs, "j", 1]})
+
+
 def test_keys_and_argv_are_read_in_the_signature_only(tmp_path: Path) -> None:
     """The loader refuses a script that reads KEYS or ARGV past its signature, skips an
     index, or binds a name without saying what it is."""

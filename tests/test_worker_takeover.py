@@ -6,6 +6,8 @@ import asyncio
 
 from redis.asyncio import Redis
 
+from shared.jobs import JobStore
+from shared.keys import Keys
 from tests.helpers import make_job, worker_settings
 from worker.engines.sim import SimEngine, SimProfile
 from worker.service import Worker
@@ -34,3 +36,21 @@ async def test_own_takeover_keeps_the_new_claim_tracked(redis: Redis, redis_url:
     await asyncio.gather(new_task, return_exceptions=True)
     assert job.id not in worker.running  # its own end still untracks it
     await worker.emits.close()
+
+
+async def test_ten_thousand_leases_renew(redis: Redis) -> None:
+    """One RENEW used to carry every lease: past ~8,000 Lua's ``unpack`` failed, every
+    renewal with it, and a worker at 10,000 streams took over its own jobs all the time."""
+    keys, n, model = Keys(), 10_000, "sim-model"
+    store = JobStore(redis, keys, ttl_s=60)
+    fences = {f"job{i}": 3 for i in range(n)}
+    async with redis.pipeline(transaction=False) as pipe:
+        for job_id, fence in fences.items():
+            pipe.hset(keys.job(model, job_id), mapping={"fence": fence, "state": "running"})
+        pipe.zadd(keys.leases(model), dict.fromkeys(fences, 1))
+        await pipe.execute()
+    fences["job0"] = 2  # fenced off: a newer claim holds it
+    held = await store.renew(model, fences, 60_000)
+    assert held == {job_id: job_id != "job0" for job_id in fences}
+    renewed = await redis.zrangebyscore(keys.leases(model), 2, "+inf")
+    assert len(renewed) == n - 1 and b"job0" not in renewed
