@@ -86,6 +86,7 @@ class Admission:
         self.keys = keys
         self.settings = settings
         self.fleets: dict[str, Fleet] = {}
+        self.serving: frozenset[str] = frozenset()  # models with a live worker, draining or not
         self.best: dict[str, tuple[float, float]] = {}  # worker id -> (best rate, when)
         self.admitted: dict[tuple[str, Priority], deque[tuple[float, int]]] = {}
         self.backlogs = BacklogCache(redis, keys, settings.admission_backlog_max_age_s)
@@ -114,6 +115,7 @@ class Admission:
         await self.clock.sync(self.redis)
         workers = await live_workers(self.redis, self.keys, self.settings.worker_ttl_s)
         self.fleets = summarize(workers, self._remembered_rates(workers))
+        self.serving = frozenset(w.model for w in workers)
 
     def _remembered_rates(self, workers: list[WorkerInfo]) -> dict[str, float]:
         """Each worker's best measured rate, halving every ``throughput_memory_s``."""
@@ -129,6 +131,10 @@ class Admission:
 
     def fleet(self, model: str) -> Fleet:
         return self.fleets.get(model, Fleet())
+
+    def serves(self, model: str) -> bool:
+        """Whether a live worker (draining or not) served ``model`` at the last refresh."""
+        return model in self.serving
 
     # --- admission ------------------------------------------------------------------------
     async def check(self, job: Job) -> None:

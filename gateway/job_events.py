@@ -34,6 +34,7 @@ class JobEvents:
     __slots__ = (
         "fence",
         "finished",
+        "gone",
         "job_id",
         "last_event_at",
         "last_log_read",
@@ -66,6 +67,7 @@ class JobEvents:
         self.poll_s = poll_s
         self.log_pos = "-"
         self.finished = False
+        self.gone = False  # the last log read found no such job: Redis lost or expired it
         self.listener: Listener | None = None
         # A job this gateway is about to submit has an empty log, and the subscription is
         # sent before the job is queued, so no event can precede it: skip the first read.
@@ -146,6 +148,7 @@ class JobEvents:
         # The state first: a terminal state means the log (appended in the same script)
         # already holds the terminal event, so a read that does not find it proves a loss.
         state, fence = await self.store.state_and_fence(self.model, self.job_id)
+        self.gone = state is None
         # a queued job's next writer is its next claim
         self.fence = fence + 1 if state == JobState.QUEUED else fence
         out: list[Event] = []

@@ -46,6 +46,7 @@ def new_dispatch(
         cancel_on_exit=cancel_on_exit,
         after_seq=after,
         clock=state.admission.clock,
+        serves=state.admission.serves,
     )
 
 
