@@ -5,7 +5,7 @@ larger than the piece.
     .venv/bin/python -m bench.micro logs        # one structlog line, and one below the level
     .venv/bin/python -m bench.micro sse         # one short SSE response (one frame, the last)
     .venv/bin/python -m bench.micro telemetry   # FastAPI's telemetry checks per request
-    .venv/bin/python -m bench.micro redis       # a GET round trip: redis-py as is, lean send
+    .venv/bin/python -m bench.micro redis       # a GET: redis-py's send, ours (write now)
 
 ``PYTHONPATH=<another checkout>`` measures that tree's code (before/after). Each prints CPU µs
 per operation (``time.process_time``), three rounds. ``redis`` starts its own redis-server on
@@ -129,22 +129,6 @@ async def redis() -> None:
 
     from shared.redis import connect
 
-    class LeanConnection(Connection):
-        """Writes at once while the write buffer is empty (``drain()`` would return at once);
-        otherwise redis-py's own send, with ``wait_for`` and its task."""
-
-        async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-            health_due = check_health and self.health_check_interval
-            if (
-                not self.is_connected
-                or self._writer.transport.get_write_buffer_size()  # type: ignore[union-attr]
-                or (health_due and asyncio.get_running_loop().time() > self.next_health_check)
-            ):
-                return await super().send_packed_command(command, check_health)
-            if isinstance(command, str):
-                command = command.encode()
-            self._writer.writelines([command] if isinstance(command, bytes) else command)  # type: ignore[union-attr]
-
     port = 6300 + os.getpid() % 1000
     server = subprocess.Popen(
         ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
@@ -154,10 +138,10 @@ async def redis() -> None:
         await asyncio.sleep(0.5)
         for _ in range(ROUNDS):
             row = {}
-            for name in ("as is", "lean send"):
-                client = connect(f"redis://127.0.0.1:{port}/0")
-                if name == "lean send":
-                    client.connection_pool.connection_class = LeanConnection
+            for name in ("redis-py", "write now"):
+                client = connect(f"redis://127.0.0.1:{port}/0")  # write now (the product's)
+                if name == "redis-py":
+                    client.connection_pool.connection_class = Connection
                 await client.set("k", "v")
                 row[name] = await _acpu_us(lambda client=client: client.get("k"))
                 await client.aclose()

@@ -25,6 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.redis_cluster import SlipstreamCluster
+from shared.redis_connection import write_now
 from shared.settings import ClusterUrl, SentinelUrl, parse_cluster_url, parse_sentinel_url
 
 RedisClient: TypeAlias = Redis | RedisCluster
@@ -146,6 +147,7 @@ def connect(
     if nodes is not None:
         return _cluster(nodes, options)
     pool = BlockingConnectionPool.from_url(url, **options)
+    pool.connection_class = write_now(pool.connection_class)  # shared/redis_connection.py
     return redis_class.from_pool(pool)  # aclose() closes the pool too
 
 

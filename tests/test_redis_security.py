@@ -199,7 +199,7 @@ async def test_rediss_url_round_trip(tls_redis: tuple[int, str]) -> None:
         ):
             response = await c.post("/v1/chat/completions", json=CHAT)
         assert response.status_code == 200
-        assert client.connection_pool.connection_class is SSLConnection
+        assert issubclass(client.connection_pool.connection_class, SSLConnection)
     finally:
         await client.aclose()
 

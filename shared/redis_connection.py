@@ -1,0 +1,73 @@
+"""Connections that write a command at once when the socket can take it.
+
+redis-py 5's asyncio ``send_packed_command`` wraps every write in ``asyncio.wait_for`` when a
+socket timeout is set (ours always is), and ``wait_for`` makes a Task for each: a fifth of
+the gateway's CPU at 10,000 streams went to that Task (py-spy), on writes that had already
+left, since ``drain()`` only waits while the transport's buffer is above its high-water mark.
+
+``send_packed_command`` here writes at once when the connection is up, no health check is due
+and the transport's buffer is empty (so ``drain()`` would return at once); every other case,
+redis-py's own path, timeout included. No wait is left without a timeout: bytes a server
+does not read stay in the buffer, the next command takes redis-py's path (its ``drain()``
+under ``wait_for``), and the reply's read has its own timeout. A failed write disconnects and
+raises ``ConnectionError``, as redis-py's does, so the retry policy applies unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+
+class _WriteNow(AbstractConnection):
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        writer = self._writer
+        due = check_health and self.health_check_interval
+        if (
+            writer is None
+            or self._reader is None
+            or writer.transport.is_closing()
+            or writer.transport.get_write_buffer_size()
+            or (due and asyncio.get_running_loop().time() > self.next_health_check)
+        ):
+            await super().send_packed_command(command, check_health)
+            return
+        if isinstance(command, str):
+            command = command.encode()
+        try:
+            writer.writelines([command] if isinstance(command, bytes) else command)
+        except (OSError, RuntimeError) as exc:  # RuntimeError: uvloop's closed transport
+            await self.disconnect(nowait=True)
+            raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc
+
+
+class WriteNowConnection(_WriteNow, Connection):
+    """TCP (``redis://``)."""
+
+
+class WriteNowSSLConnection(_WriteNow, SSLConnection):
+    """TLS (``rediss://``)."""
+
+
+class WriteNowUnixConnection(_WriteNow, UnixDomainSocketConnection):
+    """A Unix socket (``unix://``)."""
+
+
+def write_now(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
+    """The write-now variant of the class redis-py chose for a URL (others: itself)."""
+    variants: dict[type[AbstractConnection], type[AbstractConnection]] = {
+        Connection: WriteNowConnection,
+        SSLConnection: WriteNowSSLConnection,
+        UnixDomainSocketConnection: WriteNowUnixConnection,
+    }
+    return variants.get(connection_class, connection_class)
