@@ -147,14 +147,13 @@ class JobEvents:
         self.listener.take()  # the log covers whatever is queued
         # The state first: a terminal state means the log (appended in the same script)
         # already holds the terminal event, so a read that does not find it proves a loss.
-        state, fence = await self.store.state_and_fence(self.model, self.job_id)
+        state, fence, entries = await self.store.state_and_log(
+            self.model, self.job_id, after=self.log_pos, count=self.LOG_PAGE
+        )
         self.gone = state is None
         # a queued job's next writer is its next claim
         self.fence = fence + 1 if state == JobState.QUEUED else fence
         out: list[Event] = []
-        entries = await self.store.read_log(
-            self.model, self.job_id, after=self.log_pos, count=self.LOG_PAGE
-        )
         for entry in entries:
             self.log_pos = entry.stream_id
             fresh = [e for e in entry.batch.events if e.s > self.seq or e.t == "started"]

@@ -196,12 +196,19 @@ class JobStore:
         state = await self.redis.hget(self.keys.job(model, job_id), "state")  # type: ignore[misc]
         return None if state is None else str(state)
 
-    async def state_and_fence(self, model: str, job_id: str) -> tuple[str | None, int]:
-        """The job's state (None: no such job) and its ``fence``, the number of the latest
-        claim; one read, so the two agree."""
-        key = self.keys.job(model, job_id)
-        state, fence = await self.redis.hmget(key, ["state", "fence"])  # type: ignore[misc]
-        return (None if state is None else str(state)), int(fence or 0)
+    async def state_and_log(
+        self, model: str, job_id: str, after: str = "-", count: int | None = None
+    ) -> tuple[str | None, int, list[LogEntry]]:
+        """The job's state (None: no such job), its ``fence`` (the number of the latest claim)
+        and what ``read_log`` returns, in one round trip. The state is read first: a terminal
+        state means the log (appended by the same script) holds the terminal event."""
+        start = "-" if after == "-" else f"({after}"
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(self.keys.job(model, job_id), ["state", "fence"])
+            pipe.xrange(self.keys.job_log(model, job_id), start, "+", count=count)
+            (state, fence), rows = await pipe.execute()
+        entries = [LogEntry(sid, EventBatch.model_validate_json(f["e"])) for sid, f in rows]
+        return (None if state is None else str(state)), int(fence or 0), entries
 
     async def state(self, model: str, job_id: str) -> dict[str, str]:
         result: dict[str, str] = await self.redis.hgetall(self.keys.job(model, job_id))  # type: ignore[misc]
