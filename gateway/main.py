@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from gateway.app import create_app
 from gateway.processes import Supervisor
 from gateway.settings import GatewaySettings
+from shared.gc_policy import tune_gc
 from shared.logs import configure_logging
 
 
@@ -53,6 +54,7 @@ def listening_socket(settings: GatewaySettings) -> socket.socket:
 def serve(settings: GatewaySettings, sockets: list[socket.socket]) -> None:
     """One gateway process: the app (its own Redis pool and pub/sub) on ``sockets``."""
     app = create_app(settings)
+    tune_gc(settings.gc_thresholds)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, NonNegativeInt, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}  # scheme -> TLS
@@ -206,6 +206,13 @@ class CommonSettings(BaseSettings):
     )
     log_format: str = Field(default="json", description="json (one object per line) or console")
     log_level: str = Field(default="info", description="debug, info, warning or error")
+    gc_thresholds: tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt] = Field(
+        default=(50_000, 20, 100),
+        description=(
+            "Python's garbage collector thresholds, as JSON ([50000,20,100]); CPython's own are "
+            "[700,10,10] (shared/gc_policy.py argues the default)"
+        ),
+    )
 
     @field_validator("redis_url")
     @classmethod

@@ -8,6 +8,7 @@ import signal
 import structlog
 
 from shared import aio
+from shared.gc_policy import tune_gc
 from shared.logs import configure_logging
 from shared.redis import connect
 from worker.engines import build_engine
@@ -42,4 +43,5 @@ def main(settings: WorkerSettings) -> None:
     structlog.get_logger("slipstream.worker").info(
         "worker_config", model=settings.model, engine=settings.engine
     )
+    tune_gc(settings.gc_thresholds)
     aio.run(serve(settings))
