@@ -176,6 +176,13 @@ class Dispatch:
             status=504,
         )
 
+    async def _fail(self, code: str, message: str, status: int) -> None:
+        """End the job as failed (the ``CANCEL`` script logs the error event that ends us)."""
+        job = self.job
+        await self.store.cancel(
+            job.model, job.id, state=JobState.FAILED, code=code, message=message, status=status
+        )
+
     async def _worker_live(self) -> bool:
         """A live worker serves the job's model: the gateway's view says so, or failing that
         the registry itself (the view may be a refresh old)."""
@@ -203,22 +210,9 @@ class Dispatch:
         # (``GET /v1/jobs/{id}/events``) must not fail it because no worker is live right now
         late = self.submit and not self.started and waited >= self.worker_wait_s
         if late and not await self._worker_live():
-            await store.cancel(
-                job.model,
-                job.id,
-                state=JobState.FAILED,
-                code="no_worker_available",
-                message=f"no worker is serving model {job.model!r}; try again later",
-                status=503,
-            )
+            message = f"no worker is serving model {job.model!r}; try again later"
+            await self._fail("no_worker_available", message, 503)
             return
         silent = time.monotonic() - self.events.last_event_at
         if self.started and silent >= self.stall_timeout_s:
-            await store.cancel(
-                job.model,
-                job.id,
-                state=JobState.FAILED,
-                code="worker_stalled",
-                message=f"no output for {self.stall_timeout_s:.0f} s",
-                status=504,
-            )
+            await self._fail("worker_stalled", f"no output for {self.stall_timeout_s:.0f} s", 504)
