@@ -176,6 +176,8 @@ def _sentinel_master(
         **tls,
         **options,
     )
+    pool = client.connection_pool
+    pool.connection_class = write_now(pool.connection_class)  # shared/redis_connection.py
     return client
 
 
@@ -205,6 +207,8 @@ def _cluster(target: ClusterUrl, options: dict[str, Any]) -> RedisCluster:
         **tls,
         **options,
     )
+    pool = client.connection_pool
+    pool.connection_class = write_now(pool.connection_class)  # shared/redis_connection.py
     return client
 
 

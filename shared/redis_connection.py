@@ -11,6 +11,8 @@ redis-py's own path, timeout included. No wait is left without a timeout: bytes 
 does not read stay in the buffer, the next command takes redis-py's path (its ``drain()``
 under ``wait_for``), and the reply's read has its own timeout. A failed write disconnects and
 raises ``ConnectionError``, as redis-py's does, so the retry policy applies unchanged.
+
+The same classes also bound the handshake of a new connection (``on_connect``).
 """
 
 from __future__ import annotations
@@ -24,10 +26,20 @@ from redis.asyncio.connection import (
     SSLConnection,
     UnixDomainSocketConnection,
 )
+from redis.asyncio.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 
 class _WriteNow(AbstractConnection):
+    async def on_connect(self) -> None:
+        """The handshake without a health check: redis-py 5.3 runs one before the handshake's
+        first command (``next_health_check`` starts at -1), its PING reconnects on failure,
+        and the new connection's handshake runs another, each level retrying: against a
+        server that accepts but never answers (a stopped Redis) that recursion waited for
+        ever. A connection made a moment ago is as healthy as a PING would show."""
+        self.next_health_check = asyncio.get_running_loop().time() + self.health_check_interval
+        await super().on_connect()
+
     async def send_packed_command(
         self, command: bytes | str | Iterable[bytes], check_health: bool = True
     ) -> None:
@@ -63,11 +75,21 @@ class WriteNowUnixConnection(_WriteNow, UnixDomainSocketConnection):
     """A Unix socket (``unix://``)."""
 
 
+class WriteNowSentinelConnection(_WriteNow, SentinelManagedConnection):
+    """To the master a Sentinel set names (``redis+sentinel://``)."""
+
+
+class WriteNowSentinelSSLConnection(_WriteNow, SentinelManagedSSLConnection):
+    """To that master over TLS (``rediss+sentinel://``)."""
+
+
 def write_now(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
     """The write-now variant of the class redis-py chose for a URL (others: itself)."""
     variants: dict[type[AbstractConnection], type[AbstractConnection]] = {
         Connection: WriteNowConnection,
         SSLConnection: WriteNowSSLConnection,
         UnixDomainSocketConnection: WriteNowUnixConnection,
+        SentinelManagedConnection: WriteNowSentinelConnection,
+        SentinelManagedSSLConnection: WriteNowSentinelSSLConnection,
     }
     return variants.get(connection_class, connection_class)

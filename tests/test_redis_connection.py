@@ -1,9 +1,13 @@
 """The write-now connection (``shared/redis_connection.py``): commands written without a Task
-each still see a dead connection, and are retried on a new one, as redis-py's own are."""
+each still see a dead connection, and are retried on a new one, as redis-py's own are; a new
+connection's handshake times out against a server that never answers."""
 
 from __future__ import annotations
 
 import asyncio
+
+import pytest
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.redis import connect
 from shared.redis_connection import WriteNowConnection
@@ -35,3 +39,26 @@ async def test_a_write_the_socket_cannot_take_at_once_waits_for_it(redis_url: st
         assert await client.strlen("big") == len(big)
     finally:
         await client.aclose()
+
+
+async def test_a_server_that_never_answers_times_the_command_out() -> None:
+    """A stopped Redis accepts connections and answers nothing: the handshake of a new
+    connection times out like any read (redis-py's own health check inside the handshake
+    recursed through its retries and waited for ever)."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def swallow(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # never reads, never answers
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = connect(f"redis://127.0.0.1:{port}/0", socket_timeout=0.3)
+    try:
+        async with asyncio.timeout(30):  # the test's own bound; it took ~0.3 s here
+            with pytest.raises(RedisTimeoutError):
+                await client.set("k", "v")
+    finally:
+        await client.aclose()
+        for writer in held:
+            writer.close()
+        server.close()
