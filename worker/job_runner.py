@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import structlog
@@ -21,20 +22,30 @@ log = structlog.get_logger("slipstream.worker")
 
 @dataclass(slots=True)
 class Window:
-    """Counts over a sliding window of ``window_s`` (a young worker: over its age)."""
+    """Counts over a sliding window of ``window_s`` (a young worker: over its age), kept in
+    ``bucket_s`` buckets with a running total. One entry per token, summed at every
+    heartbeat, held 100,000 entries at 10,000 tokens/s and took 6 % of a worker's CPU."""
 
     window_s: float = 10.0
-    stamps: list[tuple[float, int]] = field(default_factory=list)
+    bucket_s: float = 0.1
+    buckets: deque[list[float]] = field(default_factory=deque)  # [bucket start, count]
+    total: float = 0.0
     born: float = field(default_factory=time.monotonic)
 
     def add(self, n: int) -> None:
-        self.stamps.append((time.monotonic(), n))
+        now = time.monotonic()
+        if self.buckets and now - self.buckets[-1][0] < self.bucket_s:
+            self.buckets[-1][1] += n
+        else:
+            self.buckets.append([now, float(n)])
+        self.total += n
 
     def rate(self) -> float:
         now = time.monotonic()
         cutoff = now - self.window_s
-        self.stamps = [s for s in self.stamps if s[0] >= cutoff]
-        return sum(n for _, n in self.stamps) / min(self.window_s, max(1.0, now - self.born))
+        while self.buckets and self.buckets[0][0] < cutoff:
+            self.total -= self.buckets.popleft()[1]
+        return self.total / min(self.window_s, max(1.0, now - self.born))
 
 
 @dataclass(slots=True)
