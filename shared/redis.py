@@ -207,8 +207,6 @@ def _cluster(target: ClusterUrl, options: dict[str, Any]) -> RedisCluster:
         **tls,
         **options,
     )
-    pool = client.connection_pool
-    pool.connection_class = write_now(pool.connection_class)  # shared/redis_connection.py
     return client
 
 

@@ -10,7 +10,14 @@ import pytest
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.redis import connect
-from shared.redis_connection import WriteNowConnection
+from shared.redis_cluster import SlipstreamCluster
+from shared.redis_connection import (
+    WriteNowConnection,
+    WriteNowSentinelConnection,
+    WriteNowSentinelSSLConnection,
+    WriteNowSSLConnection,
+    WriteNowUnixConnection,
+)
 
 
 async def test_a_killed_connection_is_replaced_and_the_command_retried(redis_url: str) -> None:
@@ -62,3 +69,27 @@ async def test_a_server_that_never_answers_times_the_command_out() -> None:
         for writer in held:
             writer.close()
         server.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://127.0.0.1:1/0", WriteNowConnection),
+        ("rediss://127.0.0.1:1/0", WriteNowSSLConnection),
+        ("unix:///tmp/none.sock", WriteNowUnixConnection),
+        ("redis+sentinel://127.0.0.1:1/mymaster", WriteNowSentinelConnection),
+        ("rediss+sentinel://127.0.0.1:1/mymaster", WriteNowSentinelSSLConnection),
+        ("redis+cluster://127.0.0.1:1", None),  # redis-py's cluster client: its own classes
+    ],
+)
+async def test_every_url_kind_builds_its_client(url: str, expected: type | None) -> None:
+    """Building a client opens no socket, so every kind is checked here, not only in the
+    fault suite (a Cluster URL once failed here, with nothing outside that suite to see it)."""
+    client = connect(url)
+    try:
+        if expected is None:
+            assert isinstance(client, SlipstreamCluster)
+        else:
+            assert client.connection_pool.connection_class is expected
+    finally:
+        await client.aclose()

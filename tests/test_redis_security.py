@@ -14,12 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 from redis.asyncio import Redis
-from redis.asyncio.connection import SSLConnection
 from redis.exceptions import AuthenticationError, NoPermissionError
 
 from gateway.apikeys import Scope, create_key
 from shared.keys import Keys
 from shared.redis import connect
+from shared.redis_connection import WriteNowSSLConnection
 from tests.helpers import (
     RedisProcess,
     free_port,
@@ -199,7 +199,7 @@ async def test_rediss_url_round_trip(tls_redis: tuple[int, str]) -> None:
         ):
             response = await c.post("/v1/chat/completions", json=CHAT)
         assert response.status_code == 200
-        assert issubclass(client.connection_pool.connection_class, SSLConnection)
+        assert client.connection_pool.connection_class is WriteNowSSLConnection
     finally:
         await client.aclose()
 
