@@ -135,7 +135,7 @@ class Admission:
             await asyncio.sleep(self.settings.admission_refresh_s)
             try:
                 await self.refresh()
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # a malformed registry entry too: the loop lives on
                 log.warning("admission_refresh_failed", error=str(exc))
 
     async def refresh(self) -> None:
@@ -296,10 +296,14 @@ class Admission:
         backlog it counts may be up to ``max_age_s`` old (``QueueScan``); the job's own
         state and entry are read now."""
         k = self.keys
-        row = await self.redis.hmget(k.job(job.model, job.id), ["state", "queue", "entry"])  # type: ignore[misc]
-        if row[0] != JobState.QUEUED.value:
+        fields = ["state", "queue", "entry", "rsv"]
+        state, queue, entry, reserved = await self.redis.hmget(k.job(job.model, job.id), fields)  # type: ignore[misc]
+        if state != JobState.QUEUED.value:
             return None
-        ahead = (await self.scans.get(row[1], max_age_s)).ahead(row[2])
+        if reserved:  # read from the queue and held for a worker (affinity): next in line
+            ahead: tuple[int, int] | None = (0, 0)
+        else:
+            ahead = (await self.scans.get(queue, max_age_s)).ahead(entry)
         if ahead is None:
             return None
         jobs, tokens = ahead

@@ -23,6 +23,7 @@ from shared.keys import CONSUMER_GROUP
 from shared.redis import RedisClient
 
 POSITION_SCAN = 1000  # most waiting entries a scan reads (a position past them is a floor)
+KEEP_S = 60.0  # a scan nobody asked for this long is dropped (deferred streams come and go)
 
 
 def entry_key(entry: str) -> tuple[int, int]:
@@ -72,6 +73,7 @@ class QueueScan:
         try:
             started = time.monotonic()
             waiting = await self._scan(queue)
+            self.scans = {q: scan for q, scan in self.scans.items() if scan[0] > started - KEEP_S}
             self.scans[queue] = (started, waiting)
             return waiting
         finally:

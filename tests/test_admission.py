@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from gateway.admission import Admission, Fleet, summarize
 from gateway.backlog_cache import BacklogCache
 from shared.jobs import JobStore, now_ms
-from shared.keys import Keys
+from shared.keys import CONSUMER_GROUP, Keys
 from shared.models import Priority, WorkerInfo
 from tests.helpers import (
     gateway_settings,
@@ -301,6 +301,24 @@ async def test_job_position_for_the_job_api(redis: Redis, redis_url: str) -> Non
     await store.cancel("sim-model", jobs[0].id)
     assert await admission.position(jobs[2]) == (1, 500)
     assert await admission.position(jobs[0]) is None  # not queued any more
+
+
+async def test_a_job_reserved_for_its_warm_worker_is_next_in_line(
+    redis: Redis, redis_url: str
+) -> None:
+    """``PULL`` reads a job it reserves for a warm worker out of the queue (the group's last
+    delivered id passes it) while the job stays queued: it is next, not off the queue."""
+    admission = Admission(redis, Keys(), gateway_settings(redis_url))
+    await plant_worker(redis, tokens_per_s=200.0)
+    await admission.refresh()
+    store = JobStore(redis, Keys(), ttl_s=60)
+    job = make_job(max_tokens=98)
+    await store.enqueue(job)
+    keys = Keys()
+    await redis.xreadgroup(CONSUMER_GROUP, "w1", {keys.queue(job.model, job.priority): ">"})
+    assert await admission.position(job) is None  # delivered and not reserved: not queued
+    await redis.hset(keys.job(job.model, job.id), "rsv", "w1")  # type: ignore[misc]
+    assert await admission.position(job) == (0, 0)
 
 
 async def test_openai_sdk_ignores_progress_comments(redis_url: str) -> None:

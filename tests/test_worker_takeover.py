@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared.jobs import JobStore
 from shared.keys import Keys
@@ -54,3 +56,34 @@ async def test_ten_thousand_leases_renew(redis: Redis) -> None:
     assert held == {job_id: job_id != "job0" for job_id in fences}
     renewed = await redis.zrangebyscore(keys.leases(model), 2, "+inf")
     assert len(renewed) == n - 1 and b"job0" not in renewed
+
+
+async def test_a_failed_renewal_batch_leaves_the_others_renewed(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys, model = Keys(), "sim-model"
+    store = JobStore(redis, keys, ttl_s=60)
+    fences = {f"job{i}": 1 for i in range(2_500)}  # three batches
+    async with redis.pipeline(transaction=False) as pipe:
+        for job_id in fences:
+            pipe.hset(keys.job(model, job_id), mapping={"fence": 1, "state": "running"})
+        await pipe.execute()
+    real, calls = redis.evalsha, [0]
+
+    async def second_fails(*args: object) -> object:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RedisConnectionError("lost")
+        return await real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(redis, "evalsha", second_fails)
+    held = await store.renew(model, fences, 60_000)
+    assert calls[0] == 3 and len(held) == 1_500 and all(held.values())
+    assert "job1000" not in held and "job0" in held and "job2499" in held
+    monkeypatch.setattr(redis, "evalsha", lambda *_args: _fail())
+    with pytest.raises(RedisConnectionError):
+        await store.renew(model, fences, 60_000)  # every batch failed
+
+
+async def _fail() -> None:
+    raise RedisConnectionError("down")
