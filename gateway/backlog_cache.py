@@ -11,9 +11,7 @@ no accuracy that matters, and takes a round trip off every request's time to fir
 
 from __future__ import annotations
 
-import asyncio
-import time
-
+from gateway.snapshots import Snapshots
 from shared.jobs import read_backlog
 from shared.keys import Keys
 from shared.models import Priority
@@ -27,33 +25,20 @@ class BacklogCache:
         self.redis = redis
         self.keys = keys
         self.max_age_s = max_age_s
-        self.snapshots: dict[str, tuple[float, Backlog]] = {}  # model -> (read at, backlog)
-        self.reads: dict[str, asyncio.Future[Backlog]] = {}
+        self.snapshots = Snapshots(self._read)  # model -> its backlog
 
     async def get(self, model: str) -> Backlog:
         """The model's backlog, read at most ``max_age_s`` ago (``0``: read now)."""
         if self.max_age_s <= 0:
-            return await read_backlog(self.redis, self.keys, model)
-        snapshot = self.snapshots.get(model)
-        if snapshot is not None and time.monotonic() - snapshot[0] < self.max_age_s:
-            return snapshot[1]
-        read = self.reads.get(model)
-        if read is None:
-            read = self.reads[model] = asyncio.ensure_future(self._read(model))
-        return await asyncio.shield(read)
+            return await self._read(model)
+        return await self.snapshots.get(model, self.max_age_s)
 
     async def _read(self, model: str) -> Backlog:
-        try:
-            started = time.monotonic()
-            backlog = await read_backlog(self.redis, self.keys, model)
-            self.snapshots[model] = (started, backlog)
-            return backlog
-        finally:
-            del self.reads[model]
+        return await read_backlog(self.redis, self.keys, model)
 
     def add(self, model: str, priority: Priority, tokens: int) -> None:
         """Count a job this gateway admitted until the next read sees it in Redis."""
-        snapshot = self.snapshots.get(model)
-        if snapshot is not None:
-            queued, jobs = snapshot[1].get(priority, (0, 0))
-            snapshot[1][priority] = (queued + tokens, jobs + 1)
+        backlog = self.snapshots.peek(model)
+        if backlog is not None:
+            queued, jobs = backlog.get(priority, (0, 0))
+            backlog[priority] = (queued + tokens, jobs + 1)

@@ -12,13 +12,12 @@ with ``max_age_s=0`` and always reads the queue as it is.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
-import time
 from dataclasses import dataclass
 
 from redis.exceptions import ResponseError
 
+from gateway.snapshots import Snapshots
 from shared.keys import CONSUMER_GROUP
 from shared.redis import RedisClient
 
@@ -56,28 +55,11 @@ class Waiting:
 class QueueScan:
     def __init__(self, redis: RedisClient) -> None:
         self.redis = redis
-        self.scans: dict[str, tuple[float, Waiting]] = {}  # queue -> (read at, waiting)
-        self.reads: dict[str, asyncio.Future[Waiting]] = {}
+        self.scans = Snapshots(self._scan, keep_s=KEEP_S)
 
     async def get(self, queue: str, max_age_s: float) -> Waiting:
         """The queue's waiting entries, read at most ``max_age_s`` ago."""
-        scan = self.scans.get(queue)
-        if scan is not None and time.monotonic() - scan[0] < max_age_s:
-            return scan[1]
-        read = self.reads.get(queue)
-        if read is None:
-            read = self.reads[queue] = asyncio.ensure_future(self._read(queue))
-        return await asyncio.shield(read)
-
-    async def _read(self, queue: str) -> Waiting:
-        try:
-            started = time.monotonic()
-            waiting = await self._scan(queue)
-            self.scans = {q: scan for q, scan in self.scans.items() if scan[0] > started - KEEP_S}
-            self.scans[queue] = (started, waiting)
-            return waiting
-        finally:
-            del self.reads[queue]
+        return await self.scans.get(queue, max_age_s)
 
     async def _scan(self, queue: str) -> Waiting:
         try:

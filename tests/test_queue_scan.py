@@ -3,10 +3,13 @@ share a read within their period; the job API reads the queue as it is."""
 
 from __future__ import annotations
 
+import asyncio
+
 from redis.asyncio import Redis
 
 from gateway.admission import INFLOW_WINDOW_S, Inflow
 from gateway.queue_scan import POSITION_SCAN, QueueScan, Waiting, entry_key
+from gateway.snapshots import Snapshots
 from shared.keys import CONSUMER_GROUP
 
 
@@ -52,3 +55,26 @@ def test_the_inflow_is_a_running_sum_over_its_window() -> None:
     assert inflow.rate(1.0) == 150 / INFLOW_WINDOW_S
     assert inflow.rate(INFLOW_WINDOW_S + 0.5) == 50 / INFLOW_WINDOW_S  # the first one left
     assert inflow.rate(INFLOW_WINDOW_S + 2.0) == 0.0 and not inflow.window
+
+
+async def test_snapshots_share_a_read_and_drop_keys_nobody_reads() -> None:
+    reads: list[str] = []
+    gate = asyncio.Event()
+
+    async def read(key: str) -> str:
+        reads.append(key)
+        await gate.wait()
+        return f"value of {key}"
+
+    snapshots = Snapshots(read, keep_s=0.05)
+    first = asyncio.ensure_future(snapshots.get("a", 10.0))
+    second = asyncio.ensure_future(snapshots.get("a", 10.0))
+    gone = asyncio.ensure_future(snapshots.get("a", 10.0))
+    await asyncio.sleep(0)
+    gone.cancel()  # a reader that leaves does not cancel the read for the others
+    gate.set()
+    assert await first == await second == "value of a" and reads == ["a"]
+    assert await snapshots.get("a", 10.0) == "value of a" and reads == ["a"]  # fresh enough
+    await asyncio.sleep(0.1)
+    await snapshots.get("b", 10.0)  # storing b drops a, unread for longer than keep_s
+    assert set(snapshots.values) == {"b"}
