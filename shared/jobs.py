@@ -6,14 +6,14 @@ import json
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 from redis.exceptions import NoScriptError, RedisError
 
 from shared import scripts
 from shared.affinity import AffinityPolicy
+from shared.job_records import Claimed, Emit, LogEntry, PullResult, pull_result
 from shared.keys import CONSUMER_GROUP, Keys
 from shared.models import EventBatch, Job, JobState, Priority
 from shared.redis import RedisClient
@@ -24,43 +24,6 @@ RENEW_BATCH = 1000  # leases per RENEW script (see ``JobStore.renew``)
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-@dataclass(frozen=True, slots=True)
-class Claimed:
-    """A job a worker now holds, with the fence token its writes must carry."""
-
-    job: Job
-    fence: int
-    seq: int
-    tokens_done: int
-
-
-@dataclass(frozen=True, slots=True)
-class PullResult:
-    kind: Literal["empty", "full", "skipped", "job"]
-    claimed: Claimed | None = None
-    # 'empty', or 'job' with nothing else waiting: what to block on instead of pulling again
-    last_ids: tuple[str, ...] = ()  # of the queues, then the wake stream
-    next_lease_ms: int = -1  # until the next lease or reservation ends (-1: none)
-    outcome: str = ""  # a claimed job: warm | cold | stolen | takeover
-    affinity_wait_ms: int = 0  # how long it waited reserved for a warm worker
-
-
-@dataclass(frozen=True, slots=True)
-class Emit:
-    """One job's batch of events to log and publish, fenced by the claim that made it."""
-
-    claimed: Claimed
-    batch: EventBatch
-    new_tokens: int
-    terminal: JobState | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class LogEntry:
-    stream_id: str
-    batch: EventBatch
 
 
 class JobStore:
@@ -271,7 +234,7 @@ class JobStore:
             pull_id=pull_id or uuid.uuid4().hex,
             caps=caps,
         )
-        return _pull_result(reply)
+        return pull_result(reply)
 
     async def release(self, model: str, worker: str) -> int:
         """A worker leaves: its reservations end now, and it stops being a routing target."""
@@ -411,27 +374,6 @@ class JobStore:
             job_id=job.id,
         )
         return bool(ok)
-
-
-def _pull_result(reply: Any) -> PullResult:
-    """``PULL``'s reply, typed."""
-    kind = reply[0]
-    if kind == "empty":
-        last = tuple(str(x) for x in reply[2:])
-        return PullResult("empty", last_ids=last, next_lease_ms=int(reply[1]))
-    if kind != "job":
-        return PullResult(kind)
-    _, _job_id, payload, fence, seq, ntok, outcome, waited, *marks = reply
-    claimed = Claimed(Job.model_validate_json(payload), int(fence), int(seq), int(ntok))
-    last = tuple(str(x) for x in marks[1:])  # empty: more is waiting
-    return PullResult(
-        "job",
-        claimed=claimed,
-        last_ids=last,
-        next_lease_ms=int(marks[0]) if marks else -1,
-        outcome=str(outcome),
-        affinity_wait_ms=int(waited),
-    )
 
 
 def _fenced(batch: EventBatch, fence: int) -> EventBatch:

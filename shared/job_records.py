@@ -1,0 +1,67 @@
+"""The values ``JobStore``'s calls take and return: a claim, what ``PULL`` answered, a batch
+to emit, an entry of a job's event log."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from shared.models import EventBatch, Job, JobState
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A job a worker now holds, with the fence token its writes must carry."""
+
+    job: Job
+    fence: int
+    seq: int
+    tokens_done: int
+
+
+@dataclass(frozen=True, slots=True)
+class PullResult:
+    kind: Literal["empty", "full", "skipped", "job"]
+    claimed: Claimed | None = None
+    # 'empty', or 'job' with nothing else waiting: what to block on instead of pulling again
+    last_ids: tuple[str, ...] = ()  # of the queues, then the wake stream
+    next_lease_ms: int = -1  # until the next lease or reservation ends (-1: none)
+    outcome: str = ""  # a claimed job: warm | cold | stolen | takeover
+    affinity_wait_ms: int = 0  # how long it waited reserved for a warm worker
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """One job's batch of events to log and publish, fenced by the claim that made it."""
+
+    claimed: Claimed
+    batch: EventBatch
+    new_tokens: int
+    terminal: JobState | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    stream_id: str
+    batch: EventBatch
+
+
+def pull_result(reply: Any) -> PullResult:
+    """``PULL``'s reply, typed."""
+    kind = reply[0]
+    if kind == "empty":
+        last = tuple(str(x) for x in reply[2:])
+        return PullResult("empty", last_ids=last, next_lease_ms=int(reply[1]))
+    if kind != "job":
+        return PullResult(kind)
+    _, _job_id, payload, fence, seq, ntok, outcome, waited, *marks = reply
+    claimed = Claimed(Job.model_validate_json(payload), int(fence), int(seq), int(ntok))
+    last = tuple(str(x) for x in marks[1:])  # empty: more is waiting
+    return PullResult(
+        "job",
+        claimed=claimed,
+        last_ids=last,
+        next_lease_ms=int(marks[0]) if marks else -1,
+        outcome=str(outcome),
+        affinity_wait_ms=int(waited),
+    )
