@@ -52,6 +52,7 @@ class Worker:
         self.id = settings.worker_id or default_worker_id()
         self.running: dict[str, tuple[asyncio.Task[object], Claimed]] = {}
         self.stopping = asyncio.Event()
+        self._stopper: asyncio.Task[bool] | None = None  # see ``_stop_waiter``
         self.caps = to_bits(engine.capabilities)  # what PULL lets this worker take
         self.registry = Registry(redis, self.keys, self._info())
         self.advertiser = Advertiser(
@@ -96,7 +97,7 @@ class Worker:
             await self._pull_loop()
             await self._drain()
         finally:
-            await cancel_and_wait(helpers)
+            await cancel_and_wait([*helpers, *([self._stopper] if self._stopper else [])])
             with suppress(RedisError, OSError):
                 await self.store.release(self.settings.model, self.id)
             with suppress(RedisError, OSError):
@@ -181,11 +182,21 @@ class Worker:
         streams: Any = dict(zip(names, last_ids, strict=True))
         read = self.redis.xread(streams, count=1, block=block_ms)
         waiter: asyncio.Future[Any] = asyncio.ensure_future(read)
-        stopper = asyncio.create_task(self.stopping.wait())
-        done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        await cancel_and_wait([stopper, waiter] if waiter not in done else [stopper])
-        if waiter.done() and not waiter.cancelled():
+        done, _ = await asyncio.wait(
+            {waiter, self._stop_waiter()}, return_when=asyncio.FIRST_COMPLETED
+        )
+        if waiter not in done:
+            await cancel_and_wait([waiter])
+        elif not waiter.cancelled():
             waiter.exception()  # retrieved: a failed read is retried by the next pull
+
+    def _stop_waiter(self) -> asyncio.Task[bool]:
+        """One task waiting for ``stopping``, shared by every wait for work. A task of its own
+        per wait, cancelled and awaited before the next PULL could go out, cost a turn of the
+        event loop on every first token's path."""
+        if self._stopper is None:
+            self._stopper = asyncio.ensure_future(self.stopping.wait())
+        return self._stopper
 
     async def _sleep_unless_stopping(self, seconds: float) -> None:
         with suppress(TimeoutError):
