@@ -77,7 +77,11 @@ async def accept(request: Request, kind: Kind | None) -> Accepted:
 
 
 async def ensure_known_model(state: GatewayState, model: str) -> None:
-    if model in state.settings.models or model in await known_models(state.redis, state.keys):
+    """A model named in the settings, served by a live worker (the admission's view: no round
+    trip on the first token's path) or served by any worker ever (``SMEMBERS``)."""
+    if model in state.settings.models or state.admission.serves(model):
+        return
+    if model in await known_models(state.redis, state.keys):
         return
     raise ModelNotFound(f"the model {model!r} does not exist", param="model")
 
