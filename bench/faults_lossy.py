@@ -76,6 +76,15 @@ async def losses(proxy: LossyProxy, stop: asyncio.Event, marker: bytes) -> None:
     proxy.disarm()
 
 
+async def until_lost(proxy: LossyProxy, before: int, bound_s: float) -> None:
+    """At least a second, then until a reply is lost (``before``: the losses before the
+    trial), at most ``bound_s``."""
+    await asyncio.sleep(1.0)
+    end = time.monotonic() + bound_s
+    while len(proxy.lost) == before and time.monotonic() < end:
+        await asyncio.sleep(0.05)
+
+
 async def cancel_jobs(base: str, trial: Trial, n: int = 5) -> None:
     """``n`` jobs of ~10 s, each cancelled at its own random moment in its first second; each
     must end ``cancelled`` with its events in order (no id missing or repeated)."""
@@ -182,8 +191,9 @@ async def one_trial(
     fault = functools.partial(asyncio.sleep, 0)
     if trial.target in ("HANDBACK", "RELEASE"):
         fault = functools.partial(drain, cluster, workers, trial)
-    elif trial.target == "SWEEP":
-        fault = functools.partial(asyncio.sleep, 1.0)  # a sweep or two while streams run
+    elif trial.target == "SWEEP":  # a sweep or two while streams run: the janitor sweeps
+        # every second once it has started, which can take longer than a short trial
+        fault = functools.partial(until_lost, proxy, before, 10.0)
     try:
         records = await run_streams(base, trial, int(trial.detail["tokens"]), fault)
         for result in await asyncio.gather(*side, return_exceptions=True):
