@@ -112,7 +112,6 @@ class Admission:
         self.keys = keys
         self.settings = settings
         self.fleets: dict[str, Fleet] = {}
-        self.serving: frozenset[str] = frozenset()  # models with a live worker, draining or not
         self.best: dict[str, tuple[float, float]] = {}  # worker id -> (best rate, when)
         self.admitted: dict[tuple[str, Priority], Inflow] = {}
         self.backlogs = BacklogCache(redis, keys, settings.admission_backlog_max_age_s)
@@ -142,7 +141,6 @@ class Admission:
         await self.clock.sync(self.redis)
         workers = await live_workers(self.redis, self.keys, self.settings.worker_ttl_s)
         self.fleets = summarize(workers, self._remembered_rates(workers))
-        self.serving = frozenset(w.model for w in workers)
 
     def _remembered_rates(self, workers: list[WorkerInfo]) -> dict[str, float]:
         """Each worker's best measured rate, halving every ``throughput_memory_s``."""
@@ -160,8 +158,9 @@ class Admission:
         return self.fleets.get(model, Fleet())
 
     def serves(self, model: str) -> bool:
-        """Whether a live worker (draining or not) served ``model`` at the last refresh."""
-        return model in self.serving
+        """Whether a live worker (draining or not) served ``model`` at the last refresh
+        (``summarize`` keeps a fleet, if an empty one, for every live worker's model)."""
+        return model in self.fleets
 
     # --- admission ------------------------------------------------------------------------
     async def check(self, job: Job) -> None:

@@ -165,13 +165,11 @@ class JobStore:
         """The job's state (None: no such job), its ``fence`` (the number of the latest claim)
         and what ``read_log`` returns, in one round trip. The state is read first: a terminal
         state means the log (appended by the same script) holds the terminal event."""
-        start = "-" if after == "-" else f"({after}"
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hmget(self.keys.job(model, job_id), ["state", "fence"])
-            pipe.xrange(self.keys.job_log(model, job_id), start, "+", count=count)
+            pipe.xrange(self.keys.job_log(model, job_id), _log_start(after), "+", count=count)
             (state, fence), rows = await pipe.execute()
-        entries = [LogEntry(sid, EventBatch.model_validate_json(f["e"])) for sid, f in rows]
-        return (None if state is None else str(state)), int(fence or 0), entries
+        return (None if state is None else str(state)), int(fence or 0), _log_entries(rows)
 
     async def state(self, model: str, job_id: str) -> dict[str, str]:
         result: dict[str, str] = await self.redis.hgetall(self.keys.job(model, job_id))  # type: ignore[misc]
@@ -181,9 +179,8 @@ class JobStore:
         self, model: str, job_id: str, after: str = "-", count: int | None = None
     ) -> list[LogEntry]:
         """Event batches logged after stream id ``after`` (exclusive), oldest first."""
-        start = "-" if after == "-" else f"({after}"
-        rows = await self.redis.xrange(self.keys.job_log(model, job_id), start, "+", count=count)
-        return [LogEntry(sid, EventBatch.model_validate_json(f["e"])) for sid, f in rows]
+        key = self.keys.job_log(model, job_id)
+        return _log_entries(await self.redis.xrange(key, _log_start(after), "+", count=count))
 
     # --- worker side --------------------------------------------------------------------
     async def pull(
@@ -347,7 +344,9 @@ class JobStore:
         if failure is not None and not held:
             raise failure
         if failure is not None:
-            log.warning("renew_partly_failed", error=str(failure), renewed=len(held), held=len(ids))
+            log.warning(
+                "renew_partly_failed", error=str(failure), renewed=len(held), leases=len(ids)
+            )
         return held
 
     async def sweep_expired_leases(self, model: str) -> list[str]:
@@ -374,6 +373,15 @@ class JobStore:
             job_id=job.id,
         )
         return bool(ok)
+
+
+def _log_start(after: str) -> str:
+    """The ``XRANGE`` start for log entries after stream id ``after`` (exclusive; ``-``: all)."""
+    return "-" if after == "-" else f"({after}"
+
+
+def _log_entries(rows: Any) -> list[LogEntry]:
+    return [LogEntry(sid, EventBatch.model_validate_json(f["e"])) for sid, f in rows]
 
 
 def _fenced(batch: EventBatch, fence: int) -> EventBatch:

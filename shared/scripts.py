@@ -8,8 +8,8 @@ entry may be wrapped, as in ``tonumber(ARGV[3])``; a list-valued last entry is
 reads ``KEYS`` or ``ARGV``: the loader checks both at import, so a script that breaks the
 rule fails every test at once. A caller passes every name as a keyword (``await
 ENQUEUE.call(redis, job=..., queue=...)``); a missing or unknown name raises ``TypeError``
-before anything reaches Redis, so no value can slip into another's
-position. The trade-off: the names are checked when called, not by mypy.
+before anything reaches Redis, so no value can slip into another's position. The trade-off:
+the names are checked when called, not by mypy.
 
 Every key a script touches belongs to one model: the names carry the ``{model}`` hash tag
 (one Redis Cluster slot). Keys known before the call come through KEYS; the few found only
