@@ -62,7 +62,7 @@ def logs() -> None:
 
 async def sse() -> None:
     from gateway.multiplexer import Deadlines
-    from gateway.sse import SSEResponse, StreamCut
+    from gateway.sse import Outlet, SSEResponse, StreamCut
 
     deadlines, never = Deadlines(), asyncio.Event()
 
@@ -80,9 +80,8 @@ async def sse() -> None:
             cut.last_frame = True
             yield b"id: 1\ndata: x\n\n"
 
-        response = SSEResponse(
-            frames(), headers={}, send_timeout_s=30.0, cut=cut, deadlines=deadlines
-        )
+        outlet = Outlet(cut, send_timeout_s=30.0)
+        response = SSEResponse(frames(), headers={}, outlet=outlet, deadlines=deadlines)
         await response({"type": "http", "path": "/x"}, receive, send)
 
     await _acpu_us(one, 500)

@@ -61,6 +61,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         await state.admission.start()
         state.metrics.track_open_streams(lambda: len(state.open_streams))
         state.metrics.track_pubsub_reconnects(lambda: mux.reconnects)
+        state.metrics.track_relay_paths(lambda: (mux.inline, mux.delivered - mux.inline))
         app.state.gateway = state
         log.info("gateway_started", host=settings.host, port=settings.port)
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 
 import structlog
@@ -131,9 +131,10 @@ class Dispatch:
                 if self._past_deadline():
                     await self._expire()
                 now = time.monotonic()
-                events = await self.events.next_until(min(end, now + 1.0, now + self._left_s()))
+                wake = min(end, self._check_at(now), now + self._left_s())
+                events = await self.events.next_until(wake)
                 if events:
-                    self._note(events)
+                    self.note(events)
                     return events
                 await self._enforce_limits()
             except (RedisError, OSError) as exc:  # Redis restarting: the log has it all
@@ -144,7 +145,17 @@ class Dispatch:
                 return []
         return []
 
-    def _note(self, events: list[Event]) -> None:
+    def _check_at(self, now: float) -> float:
+        """When ``_enforce_limits`` may next find something: every second until the job
+        starts (the wait for a worker), then once it could have stalled. Not every second
+        of a running stream: at 10,000 streams those wake-ups were as many as the events."""
+        if not self.started:
+            return now + 1.0
+        return max(self.events.last_event_at + self.stall_timeout_s, now + 1.0)
+
+    def note(self, events: Sequence[Event]) -> None:
+        """Bookkeeping for events on their way to the client (the relay's or the inline
+        relay's): the start, the first token, the request's metrics."""
         self.started = True
         for event in events:
             if event.t == "started" and self.started_at is None:

@@ -18,12 +18,20 @@ from __future__ import annotations
 
 import time
 from types import TracebackType
+from typing import cast
 
 from pydantic import ValidationError
 
 from gateway.multiplexer import Listener, PubSubMultiplexer
 from shared.jobs import JobStore
-from shared.models import TERMINAL_EVENT_TYPES, ErrorEvent, Event, EventBatch, JobState
+from shared.models import (
+    TERMINAL_EVENT_TYPES,
+    ErrorEvent,
+    Event,
+    EventBatch,
+    JobState,
+    TokenEvent,
+)
 
 LOG_GONE = "job_log_unavailable"  # the log expired or lost a batch: a 410, never a hang
 
@@ -109,11 +117,36 @@ class JobEvents:
                 return events
             if now >= end:
                 return []
-            # quiet for a while: make sure nothing was missed (pub/sub only loses messages on
-            # a disconnect, which marks the listener anyway; this is the belt to it)
-            quiet_since = max(self.last_event_at, self.last_log_read)
-            if not await self.listener.wait_until(end) and end - quiet_since >= self.poll_s:
-                self.needs_log = True
+            if self.needs_log:
+                continue  # the queue showed a gap or another claim's batch: repair now
+            # quiet for ``poll_s``: make sure nothing was missed (pub/sub only loses messages
+            # on a disconnect, which marks the listener anyway; this is the belt to it). Events
+            # the inline relay took meanwhile count: they move the belt's time on.
+            if not await self.listener.wait_until(min(end, self._belt_at())):
+                self.needs_log = time.monotonic() >= self._belt_at()
+
+    def _belt_at(self) -> float:
+        return max(self.last_event_at, self.last_log_read) + self.poll_s
+
+    def take_inline(self, raw: str, *, most: int) -> list[TokenEvent] | None:
+        """``raw``'s events when it is a batch of at most ``most`` plain tokens from the
+        current claim that follows on at once from this reader's position, now taken (the
+        inline relay renders them); None, with nothing changed, for anything else."""
+        if self.needs_log:
+            return None
+        try:
+            batch = EventBatch.model_validate_json(raw)
+        except ValidationError:
+            return None
+        events, seq = batch.events, self.seq
+        if batch.f != self.fence or not events or len(events) > most:
+            return None
+        for i, event in enumerate(events, start=seq + 1):
+            if not isinstance(event, TokenEvent) or event.s != i:
+                return None
+        self.seq = seq + len(events)
+        self.last_event_at = time.monotonic()
+        return cast(list[TokenEvent], events)  # every one checked above
 
     def _from_queue(self) -> list[Event]:
         assert self.listener is not None

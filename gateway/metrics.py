@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -228,6 +228,16 @@ class GatewayMetrics:
                 lambda: [([], self._reconnects())],
             )
         )
+        self._relayed: Callable[[], tuple[int, int]] = lambda: (0, 0)
+        r.register(
+            _ReadCounter(
+                "slipstream_gateway_pubsub_messages",
+                "Pub/sub messages handed to this gateway's streams, by path: 'inline' (written "
+                "from the pub/sub reader) or 'task' (woke the stream's task)",
+                ["path"],
+                lambda: zip([["inline"], ["task"]], self._relayed(), strict=True),
+            )
+        )
         self.masters = MasterWatch()
         self.redis_master_changes = Counter(
             "slipstream_gateway_redis_master_changes",
@@ -240,6 +250,10 @@ class GatewayMetrics:
     def track_pubsub_reconnects(self, count: Callable[[], int]) -> None:
         """Read the multiplexer's running total (``mux.reconnects``) at every scrape."""
         self._reconnects = count
+
+    def track_relay_paths(self, counts: Callable[[], tuple[int, int]]) -> None:
+        """Read the multiplexer's (inline, task) message totals at every scrape."""
+        self._relayed = counts
 
     def track_open_streams(self, count: Callable[[], int]) -> None:
         self.open_streams.set_function(count)
@@ -309,7 +323,7 @@ class RequestObserver:
         self.closed = False
         metrics.in_flight.inc()
 
-    def on_events(self, events: list[Event]) -> None:
+    def on_events(self, events: Sequence[Event]) -> None:
         now = time.monotonic()
         tokens = 0
         for event in events:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import structlog
@@ -81,7 +81,17 @@ class Listener:
     wait's deadline in the shared ``Deadlines`` (armed at most once at a time).
     """
 
-    __slots__ = ("armed", "channel", "deadlines", "lagging", "queue", "size", "until", "waiter")
+    __slots__ = (
+        "armed",
+        "channel",
+        "deadlines",
+        "lagging",
+        "queue",
+        "sink",
+        "size",
+        "until",
+        "waiter",
+    )
 
     def __init__(self, channel: str, size: int, deadlines: Deadlines) -> None:
         self.channel = channel
@@ -92,13 +102,26 @@ class Listener:
         self.waiter: asyncio.Future[None] | None = None
         self.until = 0.0  # the current wait's deadline (monotonic)
         self.armed = math.inf  # when the wheel will next look at this listener
+        # Offered each delivery while the stream's reader waits with nothing queued; True
+        # means it took the message (``gateway/inline_relay.py``), so nobody is woken.
+        self.sink: Callable[[str], bool] | None = None
 
-    def deliver(self, data: str) -> None:
+    def deliver(self, data: str) -> bool:
+        """Hand ``data`` over; True when the sink took it inline (nobody woken)."""
+        sink = self.sink
+        if sink is not None and self.waiter is not None and not self.queue and not self.lagging:
+            try:
+                if sink(data):
+                    return True
+            except Exception:  # the reader's own path still has the message
+                log.exception("inline_relay_failed", channel=self.channel)
+                self.sink = None
         if len(self.queue) < self.size:
             self.queue.append(data)
         else:
             self.lagging = True
         self._wake()
+        return False
 
     def mark_lagging(self) -> None:
         self.lagging = True
@@ -158,6 +181,8 @@ class PubSubMultiplexer:
         # command per finished stream was a round trip of Redis's time per request)
         self._leaving: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self.delivered = 0  # messages handed to listeners
+        self.inline = 0  # ... of which a listener's sink took at once
 
     @property
     def reconnects(self) -> int:
@@ -173,7 +198,8 @@ class PubSubMultiplexer:
 
     def _deliver(self, channel: str, data: str) -> None:
         for listener in self.listeners.get(channel, ()):
-            listener.deliver(data)
+            self.delivered += 1
+            self.inline += listener.deliver(data)
 
     def _lost(self, channels: Iterable[str]) -> None:
         for channel in channels:

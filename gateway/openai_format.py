@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii
 from typing import Any, Literal
@@ -80,7 +81,7 @@ class ChunkWriter:
         lp = "null" if event.lp is None else json.dumps({"content": event.lp})
         return f'{self._head}"delta":{json.dumps(delta)},"logprobs":{lp},"finish_reason":null}}]}}'
 
-    def frames(self, events: list[Event]) -> bytes:
+    def frames(self, events: Sequence[Event]) -> bytes:
         """SSE frames for a batch of events (``started`` events render as nothing)."""
         out: list[str] = []
         for event in events:

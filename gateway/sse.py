@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gateway.multiplexer import Deadlines
+from shared.aio import start_now
 
 log = structlog.get_logger("slipstream.gateway")
 
@@ -70,6 +71,67 @@ class SendGuard:
             self.deadlines.add(self.send_by, self)
 
 
+class Outlet:
+    """A stream's way out for frames written outside its task: by the inline relay, from
+    the pub/sub reader, while the stream's task waits for events (``gateway/inline_relay.py``).
+
+    Ordering rule: a frame goes out here only when no earlier write is under way. A write that
+    has to wait (the client reads slowly) is finished by a task of its own, under the stream's
+    send timeout, and the stream's task waits for it (``drain``) before it writes again.
+    """
+
+    __slots__ = ("cut", "guard", "pending", "send", "send_timeout_s", "written_at")
+
+    def __init__(self, cut: StreamCut, send_timeout_s: float) -> None:
+        self.cut = cut
+        self.send_timeout_s = send_timeout_s
+        self.send: Send | None = None  # set while the response's body is being written
+        self.guard: SendGuard | None = None
+        self.pending: asyncio.Future[None] | None = None
+        self.written_at = 0.0  # when a frame last went out here (monotonic)
+
+    def ready(self) -> bool:
+        return self.send is not None and self.pending is None
+
+    def write(self, frame: bytes) -> None:
+        """Write ``frame`` now, without waiting for it (only when ``ready``)."""
+        assert self.send is not None and self.guard is not None
+        self.written_at = time.monotonic()
+        message = {"type": "http.response.body", "body": frame, "more_body": True}
+        try:
+            rest = start_now(self.send(message))
+        except Exception:  # the response is broken: the stream ends as if its client left
+            log.exception("inline_write_failed")
+            self._cut()
+            return
+        if rest is not None:
+            self.pending = rest
+            self.guard.start(self.send_timeout_s)
+            rest.add_done_callback(self._written)
+
+    async def drain(self) -> None:
+        """Wait for the write under way, if there is one."""
+        if self.pending is not None:
+            await self.pending
+
+    def close(self) -> None:
+        self.send = None
+        if self.pending is not None:
+            self.pending.cancel()
+
+    def _written(self, task: asyncio.Future[None]) -> None:
+        self.pending = None
+        if self.guard is not None:
+            self.guard.send_by = 0.0
+        if not task.cancelled() and task.exception() is not None:
+            self._cut()
+
+    def _cut(self) -> None:
+        self.cut.client_gone = True
+        if self.guard is not None and self.guard.task is not None:
+            self.guard.task.cancel()
+
+
 class SSEResponse(Response):
     media_type = "text/event-stream"
 
@@ -78,8 +140,7 @@ class SSEResponse(Response):
         frames: AsyncIterator[bytes],
         *,
         headers: dict[str, str],
-        send_timeout_s: float,
-        cut: StreamCut,
+        outlet: Outlet,
         deadlines: Deadlines,
     ) -> None:
         super().__init__(
@@ -89,8 +150,9 @@ class SSEResponse(Response):
         )
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
         self.frames = frames
-        self.send_timeout_s = send_timeout_s
-        self.cut = cut
+        self.outlet = outlet
+        self.send_timeout_s = outlet.send_timeout_s
+        self.cut = outlet.cut
         self.deadlines = deadlines
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -99,6 +161,7 @@ class SSEResponse(Response):
         task = asyncio.current_task()
         assert task is not None
         guard = SendGuard(self.deadlines, task, self.cut)
+        self.outlet.send, self.outlet.guard = send, guard
         watcher: asyncio.Future[None] | None = None
         try:
             # The first frame is in hand (the route waited for the first events), so it goes
@@ -115,6 +178,7 @@ class SSEResponse(Response):
             if self.cut.too_slow:
                 log.warning("sse_reader_too_slow", path=scope.get("path"))
         finally:
+            self.outlet.close()
             guard.task = None  # an entry left in the wheel holds nothing of the stream
             if watcher is not None:
                 watcher.cancel()
@@ -125,9 +189,11 @@ class SSEResponse(Response):
         try:
             frame = await anext(self.frames)
         except StopAsyncIteration:
+            await self.outlet.drain()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return False
         last = self.cut.last_frame
+        await self.outlet.drain()  # a frame written inline goes out first
         guard.start(self.send_timeout_s)
         await send({"type": "http.response.body", "body": frame, "more_body": not last})
         guard.send_by = 0.0

@@ -16,9 +16,10 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from gateway.dispatch import Dispatch
+from gateway.inline_relay import EVENTS_PER_WRITE, InlineRelay
 from gateway.job_events import LOG_GONE
 from gateway.openai_format import ChunkWriter, completion_object
-from gateway.sse import SSEResponse, StreamCut
+from gateway.sse import Outlet, SSEResponse, StreamCut
 from gateway.state import GatewayState
 from shared.errors import JobFailed
 from shared.models import DoneEvent, ErrorEvent, Event, Job, TokenEvent
@@ -96,12 +97,11 @@ async def stream_response(
     except BaseException:
         await close_dispatch(dispatch)
         raise
-    cut = StreamCut()
+    outlet = Outlet(StreamCut(), state.settings.send_timeout_s)
     return SSEResponse(
-        relay(state, dispatch, writer, first, cut),
+        relay(state, dispatch, writer, first, outlet),
         headers=headers,
-        send_timeout_s=state.settings.send_timeout_s,
-        cut=cut,
+        outlet=outlet,
         deadlines=state.mux.deadlines,
     )
 
@@ -111,11 +111,16 @@ async def relay(
     dispatch: Dispatch,
     writer: ChunkWriter,
     first: list[Event],
-    cut: StreamCut,
+    outlet: Outlet,
 ) -> AsyncIterator[bytes]:
+    """The stream's frames. While it waits, plain tokens go out inline (``InlineRelay``), so
+    once the job runs it wakes only for a ping, a limit or anything out of the ordinary."""
     state.open_streams.add(dispatch.job.id)
     ping_s, every = state.settings.sse_ping_s, state.settings.progress_s
     quiet_since = note_at = time.monotonic()
+    cut, listener = outlet.cut, dispatch.events.listener
+    assert listener is not None
+    listener.sink = InlineRelay(dispatch, writer, outlet)
     try:
         for frame in frames_of(first, writer, dispatch, cut):
             yield frame
@@ -128,15 +133,19 @@ async def relay(
                     yield note
                     quiet_since = time.monotonic()
                 note_at, every = time.monotonic() + every, min(every * 2, ping_s)
-            events = await dispatch.next(timeout=min(state.settings.progress_s, ping_s))
+            ping_at = max(quiet_since, outlet.written_at) + ping_s
+            queued_wait = min(state.settings.progress_s, ping_s)
+            wait = ping_at - time.monotonic() if dispatch.started else queued_wait
+            events = await dispatch.next(timeout=max(wait, 0.0))
             for frame in frames_of(events, writer, dispatch, cut):
                 yield frame
             if events:
                 quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since >= ping_s:
+            elif time.monotonic() >= max(quiet_since, outlet.written_at) + ping_s:
                 yield b": ping\n\n"  # keeps proxies and load balancers from closing the stream
                 quiet_since = time.monotonic()
     finally:
+        listener.sink = None
         state.open_streams.discard(dispatch.job.id)
         keep = cut.too_slow or state.draining  # cut by us: the client resumes elsewhere
         await close_dispatch(dispatch, cancel=not keep)
@@ -152,7 +161,7 @@ def frames_of(
         yield writer.frames(chunk)
 
 
-def chunks(events: list[Event], size: int = 64) -> list[list[Event]]:
+def chunks(events: list[Event], size: int = EVENTS_PER_WRITE) -> list[list[Event]]:
     """At most ``size`` events per write, so a reader that stops reading blocks the next send
     (and is cut after ``send_timeout_s``) instead of piling output up in the gateway."""
     if len(events) <= size:  # nearly always: one write, no copy

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Iterable
+import types
+from collections.abc import Awaitable, Coroutine, Generator, Iterable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -26,6 +27,64 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]], timeout: float =
         _, pending = await asyncio.wait(pending, timeout=0.1)
     for task in pending:  # still running: leave it, but never hang the caller
         task.cancel()
+
+
+def start_now(step: Awaitable[None]) -> asyncio.Future[None] | None:
+    """Run ``step`` at once, in the caller's turn of the event loop, up to its first real wait.
+
+    None when it finished without waiting (a socket write that went straight out); otherwise a
+    task that finishes it. This is Python 3.12's eager task start, for 3.11: the gateway's
+    inline relay writes a frame from the pub/sub reader without a task or a loop turn per
+    frame, and only a write that has to wait (the client reads slowly) costs a task.
+    """
+    if not isinstance(step, types.CoroutineType):  # another kind of awaitable: the usual way
+        return asyncio.ensure_future(step)
+    coro = step
+    try:
+        waiting = coro.send(None)
+    except StopIteration:
+        return None
+    rest = asyncio.ensure_future(_Resumed(coro, waiting))
+    rest.add_done_callback(lambda _: _abandon(coro, waiting))
+    return rest
+
+
+def _abandon(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+    """After the task: a task cancelled before its first step never reached ``coro`` nor
+    took ``waiting`` from it. Close ``coro`` so that its cleanup runs, and clear the mark a
+    future carries while a task is to wait on it, so that others can still await it. On a
+    coroutine that has finished, neither changes anything."""
+    if getattr(waiting, "_asyncio_future_blocking", False):
+        waiting._asyncio_future_blocking = False
+    coro.close()
+
+
+class _Resumed:
+    """Awaiting this continues a coroutine that already yielded ``waiting`` (what it waits
+    on) to whoever drove it: ``yield from``, begun one step late. The task awaiting it sees
+    the coroutine's waits, passes its cancellation on, and gets its result."""
+
+    __slots__ = ("coro", "waiting")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+        self.coro = coro
+        self.waiting = waiting
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        waiting, self.waiting = self.waiting, None
+        while True:
+            try:
+                sent = yield waiting
+            except BaseException as exc:  # the task's cancellation, passed on
+                try:
+                    waiting = self.coro.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    waiting = self.coro.send(sent)
+                except StopIteration:
+                    return
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
