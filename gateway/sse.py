@@ -6,7 +6,8 @@ deadline in the gateway's shared ``Deadlines`` wheel, armed once and moved by ea
 a cancel scope or a timer handle per write: at 10,000 streams those were a measurable part of
 the relay's CPU). A stream that outlives its reader or its send timeout is
 cancelled from the outside and ends quietly; its frame source's cleanup decides what happens to
-the job (``StreamCut``).
+the job (``StreamCut``). Frames may also be written from outside the task, through the
+stream's ``Outlet`` (the inline relay), under the ordering rule the ``Outlet`` states.
 """
 
 from __future__ import annotations
