@@ -146,9 +146,11 @@ class Dispatch:
         return []
 
     def _check_at(self, now: float) -> float:
-        """When ``_enforce_limits`` may next find something: every second until the job
-        starts (the wait for a worker), then once it could have stalled. Not every second
-        of a running stream: at 10,000 streams those wake-ups were as many as the events."""
+        """When ``_enforce_limits`` must look next, at the latest: every second until the
+        job starts (the wait for a worker), then once it could have stalled (a job Redis lost
+        is acted on when the belt's log read finds it, which ends the wait at once). Not every
+        second of a running stream: at 10,000 streams those wake-ups were as many as the
+        events."""
         if not self.started:
             return now + 1.0
         return max(self.events.last_event_at + self.stall_timeout_s, now + 1.0)
@@ -207,8 +209,9 @@ class Dispatch:
         if self.submit and self.events.gone:
             # Redis lost the job (a restart inside the AOF fsync window): submit it again.
             # Sequence numbers start over; events this stream already passed on are dropped.
-            # Found by the log read a quiet stream makes every ``poll_s`` anyway, not by a
-            # read of its own: at 10,000 streams that read was a quarter of the gateway's CPU.
+            # Found by the log read a quiet stream makes every ``poll_s`` anyway (which then
+            # ends the wait), not by a read of its own: at 10,000 streams that read was a
+            # quarter of the gateway's CPU.
             log.warning("job_resubmitted", job_id=job.id, request_id=job.request_id)
             await store.enqueue(job)
             self.events.gone = False

@@ -37,9 +37,12 @@ class InlineRelay:
         """Relay ``raw`` now; False when it has to take the stream task's path."""
         if not self.outlet.ready():
             return False
-        events = self.dispatch.events.take_inline(raw, most=EVENTS_PER_WRITE)
+        reader = self.dispatch.events
+        events = reader.inline_events(raw, most=EVENTS_PER_WRITE)
         if events is None:
             return False
-        self.dispatch.note(events)
-        self.outlet.write(self.writer.frames(events))
+        frames = self.writer.frames(events)  # before anything moves: if it fails, the
+        reader.advance(events)  # message takes the task's path as it came
+        self.outlet.write(frames)
+        self.dispatch.note(events)  # after the write: the events went out whatever it does
         return True

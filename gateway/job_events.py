@@ -109,6 +109,8 @@ class JobEvents:
         while True:
             if self.needs_log or self.listener.lagging:
                 events = await self._from_log()
+                if self.gone and not events:
+                    return []  # Redis lost the job: its dispatch acts on that now
             else:
                 events = self._from_queue()
             now = time.monotonic()
@@ -128,25 +130,28 @@ class JobEvents:
     def _belt_at(self) -> float:
         return max(self.last_event_at, self.last_log_read) + self.poll_s
 
-    def take_inline(self, raw: str, *, most: int) -> list[TokenEvent] | None:
+    def inline_events(self, raw: str, *, most: int) -> list[TokenEvent] | None:
         """``raw``'s events when it is a batch of at most ``most`` plain tokens from the
-        current claim that follows on at once from this reader's position, now taken (the
-        inline relay renders them); None, with nothing changed, for anything else."""
+        current claim that follows on at once from this reader's position (the inline relay
+        may render them); None for anything else. Changes nothing: ``advance`` takes them."""
         if self.needs_log:
             return None
         try:
             batch = EventBatch.model_validate_json(raw)
         except ValidationError:
             return None
-        events, seq = batch.events, self.seq
+        events = batch.events
         if batch.f != self.fence or not events or len(events) > most:
             return None
-        for i, event in enumerate(events, start=seq + 1):
+        for i, event in enumerate(events, start=self.seq + 1):
             if not isinstance(event, TokenEvent) or event.s != i:
                 return None
-        self.seq = seq + len(events)
-        self.last_event_at = time.monotonic()
         return cast(list[TokenEvent], events)  # every one checked above
+
+    def advance(self, events: list[TokenEvent]) -> None:
+        """``events`` (from ``inline_events``) went out: this reader is past them."""
+        self.seq = events[-1].s
+        self.last_event_at = time.monotonic()
 
     def _from_queue(self) -> list[Event]:
         assert self.listener is not None

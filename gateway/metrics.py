@@ -232,8 +232,10 @@ class GatewayMetrics:
         r.register(
             _ReadCounter(
                 "slipstream_gateway_pubsub_messages",
-                "Pub/sub messages handed to this gateway's streams, by path: 'inline' (written "
-                "from the pub/sub reader) or 'task' (woke the stream's task)",
+                "Pub/sub messages handed to this gateway's listeners (one count per listener), "
+                "by path: 'inline' (written to the client from the pub/sub reader) or 'task' "
+                "(queued for the listener's task: starts, ends, repairs, whatever came while "
+                "the task was busy, and every message to a non-streaming request)",
                 ["path"],
                 lambda: zip([["inline"], ["task"]], self._relayed(), strict=True),
             )

@@ -113,7 +113,9 @@ class Listener:
             try:
                 if sink(data):
                     return True
-            except Exception:  # the reader's own path still has the message
+            except (Exception, asyncio.CancelledError):  # raised by the sink itself (nothing
+                # is cancelled in the middle of a plain call): the task's path takes the
+                # message as it came, and this stream stops offering
                 log.exception("inline_relay_failed", channel=self.channel)
                 self.sink = None
         if len(self.queue) < self.size:
@@ -181,7 +183,7 @@ class PubSubMultiplexer:
         # command per finished stream was a round trip of Redis's time per request)
         self._leaving: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
-        self.delivered = 0  # messages handed to listeners
+        self.delivered = 0  # messages handed to listeners (one per listener of a channel)
         self.inline = 0  # ... of which a listener's sink took at once
 
     @property
@@ -199,7 +201,8 @@ class PubSubMultiplexer:
     def _deliver(self, channel: str, data: str) -> None:
         for listener in self.listeners.get(channel, ()):
             self.delivered += 1
-            self.inline += listener.deliver(data)
+            if listener.deliver(data):
+                self.inline += 1
 
     def _lost(self, channels: Iterable[str]) -> None:
         for channel in channels:

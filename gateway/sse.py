@@ -152,7 +152,6 @@ class SSEResponse(Response):
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
         self.frames = frames
         self.outlet = outlet
-        self.send_timeout_s = outlet.send_timeout_s
         self.cut = outlet.cut
         self.deadlines = deadlines
 
@@ -162,7 +161,6 @@ class SSEResponse(Response):
         task = asyncio.current_task()
         assert task is not None
         guard = SendGuard(self.deadlines, task, self.cut)
-        self.outlet.send, self.outlet.guard = send, guard
         watcher: asyncio.Future[None] | None = None
         try:
             # The first frame is in hand (the route waited for the first events), so it goes
@@ -170,6 +168,9 @@ class SSEResponse(Response):
             # (a short answer) never needs one, saving a task and two loop turns per request.
             if await self._send_next(send, guard):
                 watcher = asyncio.ensure_future(self._watch(receive, task))
+                # inline writes only from here: a stream written only inline must still
+                # hear its client leave
+                self.outlet.send, self.outlet.guard = send, guard
                 while await self._send_next(send, guard):
                     pass
         except asyncio.CancelledError:
@@ -195,7 +196,7 @@ class SSEResponse(Response):
             return False
         last = self.cut.last_frame
         await self.outlet.drain()  # a frame written inline goes out first
-        guard.start(self.send_timeout_s)
+        guard.start(self.outlet.send_timeout_s)
         await send({"type": "http.response.body", "body": frame, "more_body": not last})
         guard.send_by = 0.0
         return not last

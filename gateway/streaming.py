@@ -120,6 +120,10 @@ async def relay(
     quiet_since = note_at = time.monotonic()
     cut, listener = outlet.cut, dispatch.events.listener
     assert listener is not None
+
+    def ping_due() -> float:  # quiet for ``ping_s``, counting the frames written inline
+        return max(quiet_since, outlet.written_at) + ping_s
+
     listener.sink = InlineRelay(dispatch, writer, outlet)
     try:
         for frame in frames_of(first, writer, dispatch, cut):
@@ -133,15 +137,14 @@ async def relay(
                     yield note
                     quiet_since = time.monotonic()
                 note_at, every = time.monotonic() + every, min(every * 2, ping_s)
-            ping_at = max(quiet_since, outlet.written_at) + ping_s
             queued_wait = min(state.settings.progress_s, ping_s)
-            wait = ping_at - time.monotonic() if dispatch.started else queued_wait
+            wait = ping_due() - time.monotonic() if dispatch.started else queued_wait
             events = await dispatch.next(timeout=max(wait, 0.0))
             for frame in frames_of(events, writer, dispatch, cut):
                 yield frame
             if events:
                 quiet_since = time.monotonic()
-            elif time.monotonic() >= max(quiet_since, outlet.written_at) + ping_s:
+            elif ping_due() <= time.monotonic():
                 yield b": ping\n\n"  # keeps proxies and load balancers from closing the stream
                 quiet_since = time.monotonic()
     finally:

@@ -33,9 +33,11 @@ def start_now(step: Awaitable[None]) -> asyncio.Future[None] | None:
     """Run ``step`` at once, in the caller's turn of the event loop, up to its first real wait.
 
     None when it finished without waiting (a socket write that went straight out); otherwise a
-    task that finishes it. This is Python 3.12's eager task start, for 3.11: the gateway's
-    inline relay writes a frame from the pub/sub reader without a task or a loop turn per
-    frame, and only a write that has to wait (the client reads slowly) costs a task.
+    task that finishes it. Like Python 3.12's eager task start, with one difference: the steps
+    before the first wait run in the caller's task and context, not a new task's. So it is
+    for coroutines that look at neither (ASGI ``send`` in uvicorn and Starlette: the gateway's
+    inline relay writes a frame from the pub/sub reader with no task or loop turn per frame;
+    only a write that has to wait, for a client that reads slowly, costs a task).
     """
     if not isinstance(step, types.CoroutineType):  # another kind of awaitable: the usual way
         return asyncio.ensure_future(step)
@@ -50,10 +52,10 @@ def start_now(step: Awaitable[None]) -> asyncio.Future[None] | None:
 
 
 def _abandon(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
-    """After the task: a task cancelled before its first step never reached ``coro`` nor
-    took ``waiting`` from it. Close ``coro`` so that its cleanup runs, and clear the mark a
-    future carries while a task is to wait on it, so that others can still await it. On a
-    coroutine that has finished, neither changes anything."""
+    """Tidy up after the task. Usually nothing is left to do. But a task cancelled before its
+    first step never ran ``coro`` on, nor took ``waiting`` (the future ``coro`` waits on):
+    then ``coro`` is closed, so that its cleanup runs, and ``waiting`` loses the mark that
+    says a task is about to wait on it, so that others may still await it."""
     if getattr(waiting, "_asyncio_future_blocking", False):
         waiting._asyncio_future_blocking = False
     coro.close()

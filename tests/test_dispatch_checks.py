@@ -5,6 +5,7 @@ registry, reading the registry itself only before it fails a job."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -72,6 +73,32 @@ async def test_a_job_redis_lost_is_submitted_again(redis: Redis, mux: PubSubMult
         assert await dispatch.store.job_state(job.model, job.id) == "queued"
         assert await redis.xlen(KEYS.queue(job.model, job.priority)) == 1
     finally:
+        await dispatch.close()
+
+
+async def test_a_running_job_redis_lost_is_submitted_again_within_the_belt(
+    redis: Redis, mux: PubSubMultiplexer
+) -> None:
+    """A running stream waits until its next ping (15 s), not a second at a time; the belt's
+    log read that finds the job gone ends that wait, so the job is resubmitted at once."""
+    dispatch = dispatch_for(redis, mux, serves=lambda _model: True)
+    job = dispatch.job
+    await dispatch.open()
+    waiting = asyncio.ensure_future(dispatch.next(timeout=8.0))  # a relay's wait for a ping
+    try:
+        dispatch.started = True  # tokens were flowing when Redis lost the job
+        dispatch.events.last_event_at = time.monotonic()
+        await redis.flushdb()
+        began = time.monotonic()
+        while time.monotonic() - began < 5.0:  # bounded
+            if await dispatch.store.job_state(job.model, job.id) is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert await dispatch.store.job_state(job.model, job.id) == "queued"
+        assert time.monotonic() - began < 3.0  # the belt is 0.5 s here
+    finally:
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
         await dispatch.close()
 
 

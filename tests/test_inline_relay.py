@@ -11,18 +11,33 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from redis.asyncio import Redis
 
+from gateway.app import create_app
+from gateway.dispatch import Dispatch
+from gateway.inline_relay import InlineRelay
 from gateway.job_events import JobEvents
 from gateway.multiplexer import Deadlines, Listener
+from gateway.openai_format import ChunkWriter
 from gateway.sse import Outlet, SendGuard, StreamCut
 from shared.aio import start_now
-from shared.models import EventBatch, TokenEvent
-from tests.helpers import gateway_settings, running_gateway, running_worker, worker_settings
+from shared.jobs import JobStore
+from shared.keys import Keys
+from shared.models import Event, EventBatch, TokenEvent
+from tests.helpers import (
+    gateway_settings,
+    make_job,
+    running_app,
+    running_gateway,
+    running_worker,
+    worker_settings,
+)
 
 USAGE = {"prompt_tokens": 1, "completion_tokens": 2}
 
@@ -42,7 +57,7 @@ def reader(seq: int = 0) -> JobEvents:
     return events
 
 
-def test_take_inline_takes_the_next_plain_tokens_and_declines_the_rest_untouched() -> None:
+def test_inline_events_are_the_next_plain_tokens_and_nothing_else() -> None:
     events = reader(seq=3)
     declined = [
         batch(tok(5)),  # a gap
@@ -54,18 +69,51 @@ def test_take_inline_takes_the_next_plain_tokens_and_declines_the_rest_untouched
         "{not json",
     ]
     for raw in declined:
-        assert events.take_inline(raw, most=4) is None, raw
-        assert events.seq == 3  # nothing changed
-    taken = events.take_inline(batch(tok(4), tok(5)), most=4)
+        assert events.inline_events(raw, most=4) is None, raw
+    taken = events.inline_events(batch(tok(4), tok(5)), most=4)
     assert taken is not None and [e.s for e in taken] == [4, 5]
-    assert all(isinstance(e, TokenEvent) for e in taken) and events.seq == 5
+    assert all(isinstance(e, TokenEvent) for e in taken) and events.seq == 3  # not yet taken
+    events.advance(taken)
+    assert events.seq == 5
     events.needs_log = True  # the task is about to read the log: nothing inline meanwhile
-    assert events.take_inline(batch(tok(6)), most=4) is None
+    assert events.inline_events(batch(tok(6)), most=4) is None
 
 
-async def test_a_listener_offers_to_its_sink_only_while_its_reader_waits_with_nothing_queued() -> (
-    None
-):
+class BrokenWriter(ChunkWriter):
+    def frames(self, events: Sequence[Event]) -> bytes:
+        raise RuntimeError("cannot render")
+
+
+async def test_a_batch_the_inline_relay_fails_on_reaches_the_task_whole() -> None:
+    dispatch = Dispatch(
+        None,  # type: ignore[arg-type]  # no store or multiplexer is reached here
+        None,  # type: ignore[arg-type]
+        make_job(),
+        worker_wait_s=1.0,
+        stall_timeout_s=60.0,
+        worker_ttl_s=5.0,
+    )
+    dispatch.events.needs_log = False
+    listener = dispatch.events.listener = Listener("c", 8, Deadlines())
+    outlet = Outlet(StreamCut(), send_timeout_s=30.0)
+    sent: list[bytes] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message["body"])
+
+    task = asyncio.current_task()
+    assert task is not None
+    outlet.send, outlet.guard = send, SendGuard(Deadlines(), task, outlet.cut)
+    writer = BrokenWriter("completion", "cmpl-x", "m", include_usage=False)
+    listener.sink = InlineRelay(dispatch, writer, outlet)
+    waiting = asyncio.create_task(listener.wait(5.0))
+    await asyncio.sleep(0)
+    assert not listener.deliver(batch(tok(1)))  # the relay raised: the task's path has it
+    assert await waiting and sent == [] and dispatch.events.seq == 0
+    assert [e.s for e in dispatch.events._from_queue()] == [1]  # whole, not "passed on"
+
+
+async def test_a_listener_offers_its_sink_only_while_its_reader_waits_on_an_empty_queue() -> None:
     taken: list[str] = []
     listener = Listener("c", 8, Deadlines())
     listener.sink = lambda raw: (taken.append(raw), raw != "no")[1]
@@ -188,3 +236,44 @@ async def test_paced_streams_arrive_whole_and_in_order_mostly_inline(paced: str)
     inline, task = float(counts["inline"]), float(counts["task"])
     print(counts)
     assert inline > 2 * task, counts  # the steady state went inline
+
+
+async def test_a_reader_that_joins_at_the_tip_still_hears_its_client_leave(
+    redis_url: str, redis: Redis
+) -> None:
+    """``GET /v1/jobs/{id}/events`` from the last event: nothing is replayed, so every frame
+    could go inline; the disconnect watcher must run all the same, or the stream would live
+    on (its listener, its task) until the job ends."""
+    settings = gateway_settings(redis_url, stream_start_s=0.05)  # SSE before the next token
+    app = create_app(settings)
+    store = JobStore(redis, Keys(), ttl_s=60)
+    async with (
+        running_app(app, settings.port) as base,
+        httpx.AsyncClient(base_url=base, timeout=10) as http,
+        running_worker(worker_settings(redis_url, sim_tokens_per_s=3.0, coalesce_ms=0.0)),
+    ):
+        body = {"model": "sim-model", "prompt": "tip", "max_tokens": 20}
+        job_id = (await http.post("/v1/jobs", json=body)).json()["id"]
+        seq = 0
+        for _ in range(200):  # bounded: 4 s
+            entries = await store.read_log("sim-model", job_id)
+            seq = max((e.s for entry in entries for e in entry.batch.events), default=0)
+            if seq >= 2:
+                break
+            await asyncio.sleep(0.02)
+        assert seq >= 2
+        path, tip = f"/v1/jobs/{job_id}/events", {"Last-Event-ID": str(seq)}
+        async with http.stream("GET", path, headers=tip) as response:
+            assert response.status_code == 200
+            ids = []
+            async for line in response.aiter_lines():
+                ids += [line] if line.startswith("id:") else []
+                if len(ids) == 2:
+                    break
+        assert ids == [f"id: {seq + 1}", f"id: {seq + 2}"]
+        gateway = app.state.gateway
+        for _ in range(100):  # bounded: 2 s, where the job has 5 s to go
+            if job_id not in gateway.open_streams:
+                break
+            await asyncio.sleep(0.02)
+        assert job_id not in gateway.open_streams
