@@ -121,9 +121,6 @@ async def relay(
     cut, listener = outlet.cut, dispatch.events.listener
     assert listener is not None
 
-    def ping_due() -> float:  # quiet for ``ping_s``, counting the frames written inline
-        return max(quiet_since, outlet.written_at) + ping_s
-
     listener.sink = InlineRelay(dispatch, writer, outlet)
     try:
         for frame in frames_of(first, writer, dispatch, cut):
@@ -138,13 +135,14 @@ async def relay(
                     quiet_since = time.monotonic()
                 note_at, every = time.monotonic() + every, min(every * 2, ping_s)
             queued_wait = min(state.settings.progress_s, ping_s)
-            wait = ping_due() - time.monotonic() if dispatch.started else queued_wait
+            quiet_since = max(quiet_since, outlet.written_at)  # frames written inline count
+            wait = quiet_since + ping_s - time.monotonic() if dispatch.started else queued_wait
             events = await dispatch.next(timeout=max(wait, 0.0))
             for frame in frames_of(events, writer, dispatch, cut):
                 yield frame
             if events:
                 quiet_since = time.monotonic()
-            elif ping_due() <= time.monotonic():
+            elif max(quiet_since, outlet.written_at) + ping_s <= time.monotonic():
                 yield b": ping\n\n"  # keeps proxies and load balancers from closing the stream
                 quiet_since = time.monotonic()
     finally:

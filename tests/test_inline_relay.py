@@ -277,3 +277,29 @@ async def test_a_reader_that_joins_at_the_tip_still_hears_its_client_leave(
                 break
             await asyncio.sleep(0.02)
         assert job_id not in gateway.open_streams
+
+
+@pytest.mark.parametrize(("tokens_per_s", "pings"), [(10.0, "none"), (1.5, "between tokens")])
+async def test_pings_come_when_the_stream_is_quiet_counting_frames_written_inline(
+    redis_url: str, tokens_per_s: float, pings: str
+) -> None:
+    """Tokens every 0.1 s (inline) keep a stream with a 0.4 s ping period busy: no ping. Tokens
+    every 0.67 s leave it quiet: a ping in each gap, from the stream's task."""
+    gateway = gateway_settings(redis_url, sse_ping_s=0.4)
+    worker = worker_settings(redis_url, sim_tokens_per_s=tokens_per_s, coalesce_ms=0.0)
+    body = {"model": "sim-model", "prompt": "quiet", "max_tokens": 4 if pings != "none" else 20}
+    lines: list[str] = []
+    async with (
+        running_gateway(gateway) as base,
+        running_worker(worker),
+        httpx.AsyncClient(base_url=base, timeout=10) as http,
+        http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response,
+    ):
+        async for line in response.aiter_lines():
+            lines.append(line)
+    kinds = [("ping" if line == ": ping" else "id") for line in lines if line[:2] in (": ", "id")]
+    assert kinds.count("id") == body["max_tokens"] + 1  # the tokens and the end
+    if pings == "none":
+        assert "ping" not in kinds, kinds
+    else:  # three gaps of 0.67 s between four tokens
+        assert kinds.count("ping") >= 3, kinds
