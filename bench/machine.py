@@ -39,6 +39,16 @@ def _package(name: str) -> str | None:
         return None
 
 
+def _code() -> str | None:
+    """The commit the run measured (with ``+changes`` when the tree differed from it)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    commit = _command_version(["git", "-C", root, "rev-parse", "--short", "HEAD"])
+    if commit is None or " " in commit:  # no git, or not a checkout
+        return None
+    dirty = _command_version(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"])
+    return commit + ("+changes" if dirty else "")
+
+
 def describe() -> dict[str, Any]:
     packages = [
         "slipstream",
@@ -53,6 +63,7 @@ def describe() -> dict[str, Any]:
     ]
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "code": _code(),
         "cpu": _cpu_model(),
         "cores": cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),

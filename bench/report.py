@@ -65,9 +65,14 @@ def _merged_md(results: dict[str, Any]) -> str:
         lines.append(
             f"- Merged in: {', '.join(m['experiments'])} from a later run in {mode} mode "
             f"(`python -m bench {m.get('mode', '...')} --only {','.join(m['experiments'])} "
-            f"--merge <results>`), started {m['machine'].get('date', '?')}.\n"
+            f"--merge <results>`), started {m['machine'].get('date', '?')}"
+            f"{_code(m['machine'])}.\n"
         )
     return "".join(lines)
+
+
+def _code(machine: dict[str, Any]) -> str:
+    return f", on commit {machine['code']}" if machine.get("code") else ""
 
 
 def _skipped_md(results: dict[str, Any]) -> str:
@@ -87,7 +92,8 @@ def method_md(results: dict[str, Any]) -> str:
         f"- Mode **{plan['mode']}** (`python -m bench {plan['mode']}`), seed {plan['seed']}, "
         f"{plan['reps']} repetitions of the key figures; figures are medians, "
         "(min-max) over repetitions where repeated. Took "
-        f"{_f(results.get('total_seconds'), 0)} s ({took}).\n"
+        f"{_f(results.get('total_seconds'), 0)} s ({took}); started "
+        f"{machine.get('date', '?')}{_code(machine)}.\n"
         f"- Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB, "
         f"Linux {machine['kernel']}, Python {machine['python']}; {machine['redis-server']}; "
         f"{machine['nginx']}; {machine['haproxy']}.{_load(results)}\n"
