@@ -18,24 +18,27 @@ from __future__ import annotations
 
 from gateway.dispatch import Dispatch
 from gateway.openai_format import ChunkWriter
-from gateway.sse import Outlet
+from gateway.sse import Outlet, StreamCut
 
 EVENTS_PER_WRITE = 64  # a write's bound, so a reader that stops reading is found out in time
 
 
-class InlineRelay:
-    """The listener's ``sink`` for one stream (``Listener.sink``)."""
+class InlineRelay(Outlet):
+    """One stream's ``Outlet`` that also takes its pub/sub messages: the listener's ``sink``
+    (``Listener.sink``). One object per stream, since there are thousands of them."""
 
-    __slots__ = ("dispatch", "outlet", "writer")
+    __slots__ = ("dispatch", "writer")
 
-    def __init__(self, dispatch: Dispatch, writer: ChunkWriter, outlet: Outlet) -> None:
+    def __init__(
+        self, dispatch: Dispatch, writer: ChunkWriter, cut: StreamCut, send_timeout_s: float
+    ) -> None:
+        super().__init__(cut, send_timeout_s)
         self.dispatch = dispatch
         self.writer = writer
-        self.outlet = outlet
 
     def __call__(self, raw: str) -> bool:
         """Relay ``raw`` now; False when it has to take the stream task's path."""
-        if not self.outlet.ready():
+        if not self.ready():
             return False
         reader = self.dispatch.events
         events = reader.inline_events(raw, most=EVENTS_PER_WRITE)
@@ -43,6 +46,6 @@ class InlineRelay:
             return False
         frames = self.writer.frames(events)  # before anything moves: if it fails, the
         reader.advance(events)  # message takes the task's path as it came
-        self.outlet.write(frames)
+        self.write(frames)
         self.dispatch.note(events)  # after the write: the events went out whatever it does
         return True

@@ -19,7 +19,7 @@ from gateway.dispatch import Dispatch
 from gateway.inline_relay import EVENTS_PER_WRITE, InlineRelay
 from gateway.job_events import LOG_GONE
 from gateway.openai_format import ChunkWriter, completion_object
-from gateway.sse import Outlet, SSEResponse, StreamCut
+from gateway.sse import SSEResponse, StreamCut
 from gateway.state import GatewayState
 from shared.errors import JobFailed
 from shared.models import DoneEvent, ErrorEvent, Event, Job, TokenEvent
@@ -97,7 +97,7 @@ async def stream_response(
     except BaseException:
         await close_dispatch(dispatch)
         raise
-    outlet = Outlet(StreamCut(), state.settings.send_timeout_s)
+    outlet = InlineRelay(dispatch, writer, StreamCut(), state.settings.send_timeout_s)
     return SSEResponse(
         relay(state, dispatch, writer, first, outlet),
         headers=headers,
@@ -111,7 +111,7 @@ async def relay(
     dispatch: Dispatch,
     writer: ChunkWriter,
     first: list[Event],
-    outlet: Outlet,
+    outlet: InlineRelay,
 ) -> AsyncIterator[bytes]:
     """The stream's frames. While it waits, plain tokens go out inline (``InlineRelay``), so
     once the job runs it wakes only for a ping, a limit or anything out of the ordinary."""
@@ -121,7 +121,7 @@ async def relay(
     cut, listener = outlet.cut, dispatch.events.listener
     assert listener is not None
 
-    listener.sink = InlineRelay(dispatch, writer, outlet)
+    listener.sink = outlet
     try:
         for frame in frames_of(first, writer, dispatch, cut):
             yield frame

@@ -95,7 +95,8 @@ async def test_a_batch_the_inline_relay_fails_on_reaches_the_task_whole() -> Non
     )
     dispatch.events.needs_log = False
     listener = dispatch.events.listener = Listener("c", 8, Deadlines())
-    outlet = Outlet(StreamCut(), send_timeout_s=30.0)
+    writer = BrokenWriter("completion", "cmpl-x", "m", include_usage=False)
+    outlet = InlineRelay(dispatch, writer, StreamCut(), send_timeout_s=30.0)
     sent: list[bytes] = []
 
     async def send(message: Any) -> None:
@@ -104,8 +105,7 @@ async def test_a_batch_the_inline_relay_fails_on_reaches_the_task_whole() -> Non
     task = asyncio.current_task()
     assert task is not None
     outlet.send, outlet.guard = send, SendGuard(Deadlines(), task, outlet.cut)
-    writer = BrokenWriter("completion", "cmpl-x", "m", include_usage=False)
-    listener.sink = InlineRelay(dispatch, writer, outlet)
+    listener.sink = outlet
     waiting = asyncio.create_task(listener.wait(5.0))
     await asyncio.sleep(0)
     assert not listener.deliver(batch(tok(1)))  # the relay raised: the task's path has it
