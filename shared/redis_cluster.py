@@ -37,6 +37,8 @@ from redis._parsers.commands import AsyncCommandsParser
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, NodesManager, RedisCluster
 from redis.exceptions import ConnectionError, RedisClusterException
 
+from shared.redis_connection import write_now
+
 _IN_COMMAND: ContextVar[bool] = ContextVar("slipstream_cluster_in_command", default=False)
 _STREAM_READS = ("XREAD", "XREADGROUP")
 REFRESH_EVERY_S = 0.25  # the slot map is re-read at most this often after failures
@@ -102,6 +104,14 @@ class SlipstreamCluster(RedisCluster):
         super().__init__(*args, **kwargs)
         self.commands_parser = _CommandsParser()
         self.nodes_manager.__class__ = _NodesManager
+        # every node's connections write at once and bound their handshake, as the other
+        # clients' do (``shared/redis_connection.py``): redis-py's own waited for ever on a
+        # node that accepts connections and never answers. Nodes found later are made from
+        # the same arguments.
+        options = self.nodes_manager.connection_kwargs
+        options["connection_class"] = write_now(options["connection_class"])
+        for node in self.nodes_manager.startup_nodes.values():
+            node.connection_class = options["connection_class"]
         self._refresh: asyncio.Task[None] | None = None
         self._refreshed_at = 0.0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.redis import connect
@@ -48,10 +49,11 @@ async def test_a_write_the_socket_cannot_take_at_once_waits_for_it(redis_url: st
         await client.aclose()
 
 
-async def test_a_server_that_never_answers_times_the_command_out() -> None:
+@pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
+async def test_a_server_that_never_answers_times_the_command_out(scheme: str) -> None:
     """A stopped Redis accepts connections and answers nothing: the handshake of a new
     connection times out like any read (redis-py's own health check inside the handshake
-    recursed through its retries and waited for ever)."""
+    recursed through its retries and waited for ever; the Cluster client's too)."""
     held: list[asyncio.StreamWriter] = []
 
     async def swallow(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -59,10 +61,12 @@ async def test_a_server_that_never_answers_times_the_command_out() -> None:
 
     server = await asyncio.start_server(swallow, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    client = connect(f"redis://127.0.0.1:{port}/0", socket_timeout=0.3)
+    url = f"redis://127.0.0.1:{port}/0" if scheme == "redis" else f"{scheme}://127.0.0.1:{port}"
+    client = connect(url, socket_timeout=0.3)
     try:
         async with asyncio.timeout(30):  # the test's own bound; it took ~0.3 s here
-            with pytest.raises(RedisTimeoutError):
+            # the Cluster client reports the timeout as "no reachable node"
+            with pytest.raises((RedisTimeoutError, RedisClusterException)):
                 await client.set("k", "v")
     finally:
         await client.aclose()
@@ -79,16 +83,18 @@ async def test_a_server_that_never_answers_times_the_command_out() -> None:
         ("unix:///tmp/none.sock", WriteNowUnixConnection),
         ("redis+sentinel://127.0.0.1:1/mymaster", WriteNowSentinelConnection),
         ("rediss+sentinel://127.0.0.1:1/mymaster", WriteNowSentinelSSLConnection),
-        ("redis+cluster://127.0.0.1:1", None),  # redis-py's cluster client: its own classes
+        ("redis+cluster://127.0.0.1:1", WriteNowConnection),  # every node's connections
     ],
 )
-async def test_every_url_kind_builds_its_client(url: str, expected: type | None) -> None:
+async def test_every_url_kind_builds_its_client(url: str, expected: type) -> None:
     """Building a client opens no socket, so every kind is checked here, not only in the
     fault suite (a Cluster URL once failed here, with nothing outside that suite to see it)."""
     client = connect(url)
     try:
-        if expected is None:
-            assert isinstance(client, SlipstreamCluster)
+        if isinstance(client, SlipstreamCluster):
+            manager = client.nodes_manager
+            assert manager.connection_kwargs["connection_class"] is expected
+            assert all(n.connection_class is expected for n in manager.startup_nodes.values())
         else:
             assert client.connection_pool.connection_class is expected
     finally:
