@@ -6,6 +6,7 @@ larger than the piece.
     .venv/bin/python -m bench.micro sse         # one short SSE response (one frame, the last)
     .venv/bin/python -m bench.micro telemetry   # FastAPI's telemetry checks per request
     .venv/bin/python -m bench.micro redis       # a GET: redis-py's send, ours (write now)
+    .venv/bin/python -m bench.micro inline      # one token relayed inline (no socket), parts
 
 ``PYTHONPATH=<another checkout>`` measures that tree's code (before/after). Each prints CPU µs
 per operation (``time.process_time``), three rounds. ``redis`` starts its own redis-server on
@@ -150,12 +151,58 @@ async def redis() -> None:
         server.wait(10)
 
 
+async def inline() -> None:
+    """One single-token batch through the inline relay (``Listener.deliver`` to ``send``,
+    with a ``send`` that writes nowhere), and its parts: parse, render, bookkeeping."""
+    from gateway.dispatch import Dispatch
+    from gateway.inline_relay import InlineRelay
+    from gateway.multiplexer import Deadlines, Listener
+    from gateway.openai_format import ChunkWriter
+    from gateway.sse import SendGuard, StreamCut
+    from shared.models import EventBatch, Job
+
+    job = Job.model_construct(id="j", model="m", deadline_at_ms=None)  # what the relay reads
+    dispatch = Dispatch(None, None, job, worker_wait_s=1, stall_timeout_s=60, worker_ttl_s=5)  # type: ignore[arg-type]
+    dispatch.events.needs_log, dispatch.started = False, True
+    listener = dispatch.events.listener = Listener("c", 8, Deadlines())
+    writer = ChunkWriter("completion", "cmpl-j", "m", include_usage=False)
+    relay = listener.sink = InlineRelay(dispatch, writer, StreamCut(), 30.0)
+
+    async def send(message: Any) -> None:
+        return None
+
+    task = asyncio.current_task()
+    assert task is not None
+    relay.send, relay.guard = send, SendGuard(Deadlines(), task, relay.cut)
+    waiting = asyncio.ensure_future(listener.wait(3600))
+    await asyncio.sleep(0)
+    raws = [
+        EventBatch.model_validate(
+            {"events": [{"t": "token", "s": i, "x": " word"}], "f": 1}
+        ).model_dump_json(exclude_none=True)
+        for i in range(1, ROUNDS * N + 1)
+    ]
+    batches = iter(raws)
+    events = EventBatch.model_validate_json(raws[0]).events
+    for _ in range(ROUNDS):
+        delivered = _cpu_us(lambda: listener.deliver(next(batches)))
+        parts = {
+            "parse": _cpu_us(lambda: EventBatch.model_validate_json(raws[0])),
+            "render": _cpu_us(lambda: writer.frames(events)),
+            "bookkeeping": _cpu_us(lambda: dispatch.note(events)),
+        }
+        print(f"inline delivery {delivered} µs; of which {parts}")
+    assert dispatch.events.seq == ROUNDS * N  # every one went inline
+    waiting.cancel()
+
+
 def main() -> None:
     what = sys.argv[1] if len(sys.argv) > 1 else ""
     if what == "logs":
         logs()
-    elif what in ("sse", "telemetry", "redis"):
-        uvloop.run({"sse": sse, "telemetry": telemetry, "redis": redis}[what]())
+    elif what in ("sse", "telemetry", "redis", "inline"):
+        runs = {"sse": sse, "telemetry": telemetry, "redis": redis, "inline": inline}
+        uvloop.run(runs[what]())
     else:
         raise SystemExit(__doc__)
 
