@@ -198,10 +198,10 @@ async def inline() -> None:
 
 def main() -> None:
     what = sys.argv[1] if len(sys.argv) > 1 else ""
+    runs = {"sse": sse, "telemetry": telemetry, "redis": redis, "inline": inline}
     if what == "logs":
         logs()
-    elif what in ("sse", "telemetry", "redis", "inline"):
-        runs = {"sse": sse, "telemetry": telemetry, "redis": redis, "inline": inline}
+    elif what in runs:
         uvloop.run(runs[what]())
     else:
         raise SystemExit(__doc__)

@@ -99,7 +99,7 @@ async def stream_response(
         raise
     outlet = InlineRelay(dispatch, writer, StreamCut(), state.settings.send_timeout_s)
     return SSEResponse(
-        relay(state, dispatch, writer, first, outlet),
+        relay(state, first, outlet),
         headers=headers,
         outlet=outlet,
         deadlines=state.mux.deadlines,
@@ -107,21 +107,17 @@ async def stream_response(
 
 
 async def relay(
-    state: GatewayState,
-    dispatch: Dispatch,
-    writer: ChunkWriter,
-    first: list[Event],
-    outlet: InlineRelay,
+    state: GatewayState, first: list[Event], outlet: InlineRelay
 ) -> AsyncIterator[bytes]:
     """The stream's frames. While it waits, plain tokens go out inline (``InlineRelay``), so
     once the job runs it wakes only for a ping, a limit or anything out of the ordinary."""
-    state.open_streams.add(dispatch.job.id)
     ping_s, every = state.settings.sse_ping_s, state.settings.progress_s
     quiet_since = note_at = time.monotonic()
-    cut, listener = outlet.cut, dispatch.events.listener
+    dispatch, writer, cut = outlet.dispatch, outlet.writer, outlet.cut
+    listener = dispatch.events.listener
     assert listener is not None
-
     listener.sink = outlet
+    state.open_streams.add(dispatch.job.id)
     try:
         for frame in frames_of(first, writer, dispatch, cut):
             yield frame
@@ -134,9 +130,10 @@ async def relay(
                     yield note
                     quiet_since = time.monotonic()
                 note_at, every = time.monotonic() + every, min(every * 2, ping_s)
-            queued_wait = min(state.settings.progress_s, ping_s)
             quiet_since = max(quiet_since, outlet.written_at)  # frames written inline count
-            wait = quiet_since + ping_s - time.monotonic() if dispatch.started else queued_wait
+            wait = quiet_since + ping_s - time.monotonic()
+            if not dispatch.started:  # queued: back for the next progress note
+                wait = min(state.settings.progress_s, ping_s)
             events = await dispatch.next(timeout=max(wait, 0.0))
             for frame in frames_of(events, writer, dispatch, cut):
                 yield frame
