@@ -64,6 +64,15 @@ class _ReadCounter:
         yield family
 
 
+class Tally:
+    """A running total that one event loop adds to and a ``_ReadCounter`` reads."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
 class GatewayMetrics:
     """Every metric the gateway exports, registered in ``registry``."""
 
@@ -85,8 +94,16 @@ class GatewayMetrics:
             [*by_request, "outcome"],
             registry=r,
         )
-        self.streamed_tokens = Counter(
-            "slipstream_gateway_streamed_tokens", "Tokens relayed to clients", ["model"], registry=r
+        # Counted per event, so a plain tally read when scraped: a ``Counter`` child's ``inc``
+        # takes a lock and checks its argument, ~1 µs of every relayed event's ~60
+        self.streamed: dict[str, Tally] = {}
+        r.register(
+            _ReadCounter(
+                "slipstream_gateway_streamed_tokens",
+                "Tokens relayed to clients",
+                ["model"],
+                lambda: (([m], t.n) for m, t in sorted(self.streamed.items())),
+            )
         )
         self.prompt_tokens = Counter(
             "slipstream_gateway_prompt_tokens",
@@ -315,7 +332,7 @@ class RequestObserver:
     def __init__(self, metrics: GatewayMetrics, job: Job, *, stream: bool, timed: bool) -> None:
         self.metrics = metrics
         self.job = job
-        self.streamed = metrics.streamed_tokens.labels(job.model)  # looked up once, not per event
+        self.streamed = metrics.streamed.setdefault(job.model, Tally())  # once, not per event
         self.stream = stream
         self.timed = timed
         self.tokens = 0
@@ -341,7 +358,7 @@ class RequestObserver:
         if tokens:
             self.tokens += tokens
             self.last_token_at = now
-            self.streamed.inc(tokens)
+            self.streamed.n += tokens
 
     def on_exit(self, dispatch: Dispatch, *, error: bool = False) -> None:
         """The dispatch ended; without a terminal event the client left (or the gateway did)."""
