@@ -17,6 +17,8 @@ from shared.models import Job
 
 
 class RequestContextMiddleware:
+    leaves_bodies = True  # responses pass through untouched (``gateway.sse.direct_send``)
+
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 

@@ -17,13 +17,43 @@ import time
 from collections.abc import AsyncIterator
 
 import structlog
+from starlette.applications import Starlette
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.multiplexer import Deadlines
 from shared.aio import start_now
 
 log = structlog.get_logger("slipstream.gateway")
+
+
+# The server's own ``send`` for a request, under this scope key when the app is served through
+# ``direct_send`` (``gateway/main.py``)
+DIRECT_SEND = "slipstream.direct_send"
+
+
+def direct_send(app: Starlette) -> ASGIApp:
+    """``app`` with the server's ``send`` in each HTTP request's scope (``DIRECT_SEND``).
+
+    An SSE body frame passed through Starlette's middleware goes through two wrappers
+    (``ServerErrorMiddleware`` and the route's exception handling), which only watch for the
+    response's start: ~3 µs a frame of the relay's ~60. So ``SSEResponse`` sends its start
+    through the middleware, as any response does, and its body frames straight to the server.
+    That is only right when no middleware touches response bodies (compressing or re-streaming
+    them, as Starlette's ``BaseHTTPMiddleware`` does): so each one the app adds must say it
+    leaves them alone (``leaves_bodies = True``), or ``app`` is served as it is.
+    """
+    others = [m.cls for m in app.user_middleware if not getattr(m.cls, "leaves_bodies", False)]
+    if others:
+        log.warning("direct_send_off", middleware=[getattr(c, "__name__", c) for c in others])
+        return app
+
+    async def served(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope[DIRECT_SEND] = send
+        await app(scope, receive, send)
+
+    return served
 
 
 class StreamCut:
@@ -158,6 +188,7 @@ class SSEResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
         await send(start)
+        send = scope.get(DIRECT_SEND, send)  # the body: straight to the server (``direct_send``)
         task = asyncio.current_task()
         assert task is not None
         guard = SendGuard(self.deadlines, task, self.cut)

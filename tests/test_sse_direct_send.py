@@ -1,0 +1,99 @@
+"""``direct_send``: an SSE response's start goes through the middleware, its body frames
+straight to the server; served without ``direct_send``, everything takes the middleware's."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
+
+from gateway.multiplexer import Deadlines
+from gateway.sse import DIRECT_SEND, Outlet, SSEResponse, StreamCut, direct_send
+from tests.helpers import free_port, running_app
+
+
+def _stream(cut: StreamCut) -> SSEResponse:
+    async def frames() -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+        cut.last_frame = True
+        yield b"data: 2\n\n"
+
+    return SSEResponse(frames(), headers={}, outlet=Outlet(cut, 5.0), deadlines=Deadlines())
+
+
+async def test_the_start_goes_through_the_middleware_and_the_body_straight_out() -> None:
+    wrapped: list[dict[str, Any]] = []
+    direct: list[dict[str, Any]] = []
+
+    async def through_middleware(message: Any) -> None:
+        wrapped.append(message)
+
+    async def server(message: Any) -> None:
+        direct.append(message)
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(3600)  # the client never leaves
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "path": "/", DIRECT_SEND: server}
+    await asyncio.wait_for(_stream(StreamCut())(scope, receive, through_middleware), 5)
+    assert [m["type"] for m in wrapped] == ["http.response.start"]
+    assert [(m["body"], m["more_body"]) for m in direct] == [
+        (b"data: 1\n\n", True),
+        (b"data: 2\n\n", False),
+    ]
+
+
+class _Passing:
+    leaves_bodies = True
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+async def _read(served: Any) -> str:
+    async with running_app(served, free_port()) as base, httpx.AsyncClient(timeout=5) as client:
+        response = await client.get(f"{base}/events")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    return response.text
+
+
+def _app() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/events")
+    async def events() -> SSEResponse:
+        return _stream(StreamCut())
+
+    return app
+
+
+async def test_served_directly_the_client_reads_what_it_reads_through_the_middleware() -> None:
+    app = _app()
+    app.add_middleware(_Passing)
+    served = direct_send(app)
+    assert served is not app
+    assert await _read(served) == await _read(app) == "data: 1\n\ndata: 2\n\n"
+
+
+async def test_an_app_with_a_middleware_that_may_touch_bodies_is_served_as_it_is() -> None:
+    seen: list[str] = []
+    app = _app()
+
+    @app.middleware("http")  # BaseHTTPMiddleware: re-streams every response body
+    async def watch(request: Any, call_next: Any) -> Any:
+        seen.append(request.url.path)
+        return await call_next(request)
+
+    served = direct_send(app)
+    assert served is app
+    assert await _read(served) == "data: 1\n\ndata: 2\n\n"
+    assert seen == ["/events"]
