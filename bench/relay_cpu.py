@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.relay_cpu --streams 1000 --rate 2 --seconds 10
     .venv/bin/python -m bench.relay_cpu --streams 1000 --rate 2 --profile /tmp/gw.txt
+    .venv/bin/python -m bench.relay_cpu --streams 1000 --rate 2 --split 3 --pin
 
 Starts the Slipstream arm (Redis, one gateway, one simulated worker) and a lean client in a
 separate process that opens ``--streams`` SSE streams and only counts frames. The worker's
@@ -136,9 +137,43 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--pin", action="store_true", help="gateway on a CPU of its own")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy raw output file")
+    parser.add_argument(
+        "--split",
+        type=int,
+        default=0,
+        help="N: N pairs of runs at --rate and twice it, alternating, then each pair's "
+        "marginal µs per event and fixed CPU ms per second (the gateway's CPU is fixed + "
+        "marginal x events, so the per-event figure falls as the event rate grows)",
+    )
     args = parser.parse_args()
+    if args.split:
+        print(json.dumps(split(args)))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         print(json.dumps(asyncio.run(measure(args, Path(tmp)))))
+
+
+def split(args: argparse.Namespace) -> dict[str, Any]:
+    """Marginal and fixed gateway CPU from ``args.split`` pairs of runs at rates r and 2r."""
+    pairs = []
+    for _ in range(args.split):
+        runs = []
+        for rate in (args.rate, 2 * args.rate):
+            with tempfile.TemporaryDirectory() as tmp:
+                one = argparse.Namespace(**{**vars(args), "rate": rate, "profile": None})
+                runs.append(asyncio.run(measure(one, Path(tmp))))
+        (low, high) = runs
+        cpu = [r["gateway_cpu_s"] / r["seconds"] for r in runs]  # CPU seconds per second
+        marginal = (cpu[1] - cpu[0]) / max(1, high["events_per_s"] - low["events_per_s"])
+        fixed = cpu[0] - marginal * low["events_per_s"]
+        pairs.append(
+            {
+                "us_per_event": [low["gateway_us_per_event"], high["gateway_us_per_event"]],
+                "marginal_us_per_event": round(marginal * 1e6, 1),
+                "fixed_ms_per_s": round(fixed * 1e3, 1),
+            }
+        )
+    return {"streams": args.streams, "rates": [args.rate, 2 * args.rate], "pairs": pairs}
 
 
 if __name__ == "__main__":
