@@ -4,8 +4,9 @@ delivering 1 token/s, keep-alive pings on.
 Measured while all N are open (the hold): the gateway's resident memory per stream (over its
 RSS before the ramp), delivery latency from publish to client (the worker's ``EMIT`` script
 logs and publishes each batch at once, so the log entry's Redis timestamp is the publish
-time; the client stamps arrival with the same wall clock), and event-loop lag as the round
-trip of ``GET /healthz`` from a separate probe process.
+time; a sample of the streams is held by a process of its own, ``bench.stamper``, which stamps
+arrival with the same wall clock), and event-loop lag as the round trip of ``GET /healthz``
+from a separate probe process.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ async def _probe(url: str, seconds: float) -> dict[str, Any]:
 
 
 async def _delivery(
-    arm: SlipstreamArm, sampled: list[tuple[Result, Stamps]], since: float
+    arm: SlipstreamArm, sampled: list[tuple[str | None, Stamps]], since: float
 ) -> list[float]:
     """Publish-to-client latency (ms) of sampled tokens that arrived after ``since`` (wall)."""
     from shared.jobs import JobStore
@@ -67,11 +68,11 @@ async def _delivery(
 
     store = JobStore(arm.redis, Keys(), ttl_s=3600)
     out: list[float] = []
-    for result, stamps in sampled:
-        if not result.job_id or not stamps:
+    for job_id, stamps in sampled:
+        if not job_id or not stamps:
             continue
         published: dict[int, int] = {}
-        for entry in await store.read_log(MODEL, result.job_id):
+        for entry in await store.read_log(MODEL, job_id):
             ms = int(entry.stream_id.split("-")[0])
             for event in entry.batch.events:
                 if event.t == "token":
@@ -86,10 +87,9 @@ async def _delivery(
 
 async def _open(
     target: Target, n: int, plan: Any, tokens: int
-) -> tuple[list[Result], list[tuple[Result, Stamps]], list[asyncio.Task[Result]]]:
-    every = max(1, n // plan.stream_sample)
+) -> tuple[list[Result], list[asyncio.Task[Result]]]:
+    """The ``n`` streams the load generator holds (the sample is the stamper's)."""
     results: list[Result] = []
-    sampled: list[tuple[Result, Stamps]] = []
     tasks: list[asyncio.Task[Result]] = []
     t0 = time.perf_counter()
     for i in range(n):
@@ -100,13 +100,38 @@ async def _open(
             i, i / plan.stream_ramp_per_s, f"stream {i}", tokens, "normal", 3_600_000
         )
         result = Result(req.idx, req.at_s, req.priority, req.max_tokens, req.deadline_ms)
-        stamps: Stamps | None = [] if i % every == 0 else None
-        if stamps is not None:
-            sampled.append((result, stamps))
         results.append(result)
-        coro = one_request(target, req, t0, timeout_s=3600, stamps=stamps, result=result)
+        coro = one_request(target, req, t0, timeout_s=3600, result=result)
         tasks.append(asyncio.create_task(coro))
-    return results, sampled, tasks
+    return results, tasks
+
+
+async def _start_stamper(
+    target: Target, sample: int, tokens: int, ramp_s: float
+) -> asyncio.subprocess.Process:
+    """``bench.stamper``: the latency sample's streams, in a process of their own."""
+    args = ["--url", target.base_url, "--streams", str(sample), "--tokens", str(tokens)]
+    return await asyncio.create_subprocess_exec(
+        PYTHON,
+        "-m",
+        "bench.stamper",
+        *args,
+        "--ramp-s",
+        str(ramp_s),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+
+
+async def _stamps(stamper: asyncio.subprocess.Process) -> list[tuple[str | None, Stamps]]:
+    """Stop the stamper; each sampled stream's job id and token stamps."""
+    try:
+        out, _ = await asyncio.wait_for(stamper.communicate(b""), 60)
+        return [(s["job_id"], [(int(i), w) for i, w in s["stamps"]]) for s in json.loads(out)]
+    finally:
+        if stamper.returncode is None:
+            stamper.kill()
+            await stamper.wait()
 
 
 async def _wait_open(results: list[Result], timeout: float) -> float:
@@ -175,17 +200,23 @@ async def _one_count(
         baseline = arm.gateway.rss_bytes()
         stop, lags = asyncio.Event(), []
         lagger = asyncio.create_task(_loop_lag(stop, lags))
-        results, sampled, tasks = await _open(arm.target(), n, plan, tokens)
+        sample = min(n, plan.stream_sample)
+        stamper = await _start_stamper(arm.target(), sample, tokens, ramp_s)
+        results, tasks = await _open(arm.target(), n - sample, plan, tokens)
         try:
             opened = await _wait_open(results, 30 + ramp_s)
             await asyncio.sleep(2.0)  # let the ramp's burst settle
             since = time.time()
-            tokens_before = sum(len(s) for _, s in sampled)
             rss, probe = await _hold(arm, plan)
-            sampled_rate = (sum(len(s) for _, s in sampled) - tokens_before) / plan.stream_hold_s
+            sampled = await _stamps(stamper)
+            opened += sum(1 for job_id, _ in sampled if job_id)
+            held = [w for _, s in sampled for _, w in s if since <= w < since + plan.stream_hold_s]
+            sampled_rate = len(held) / plan.stream_hold_s
             latencies = await _delivery(arm, sampled, since)
         finally:
             stop.set()
+            if stamper.returncode is None:
+                stamper.kill()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, lagger, return_exceptions=True)
