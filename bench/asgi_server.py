@@ -24,12 +24,13 @@ def _app() -> Any:
 
     from gateway.app import create_app
     from gateway.settings import GatewaySettings
-    from gateway.sse import direct_send
     from shared.logs import configure_logging
 
     settings = GatewaySettings(models=os.environ["BENCH_ASGI_MODELS"].split(","))
     configure_logging(settings.log_format, settings.log_level)
-    return direct_send(create_app(settings))
+    # not through ``direct_send``: granian's ``send`` is no coroutine that the inline relay
+    # can drive (``shared.aio.start_now``), so each inline write would become a task
+    return create_app(settings)
 
 
 def _granian(host: str, port: int) -> None:

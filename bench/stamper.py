@@ -7,7 +7,8 @@ Stamped in the load generator itself, which holds the other thousands of streams
 arrival was late by that process's own event-loop lag (p99 ~300 ms at 10,000 streams on this
 machine, against a gateway that had delivered it in ms): the figure was the load generator's,
 not the gateway's. Here the sampled streams are all this loop holds. It runs until its stdin
-closes, then prints one JSON list: per stream, its job id and ``[id, wall]`` stamps.
+closes. It prints one line once every stream has its response head (or failed), then, at
+the end, one JSON list: per stream, its HTTP status, error, job id and ``[id, wall]`` stamps.
 """
 
 from __future__ import annotations
@@ -39,11 +40,18 @@ async def stamp(args: argparse.Namespace) -> list[dict[str, object]]:
         opened.append((result, stamps))
         coro = one_request(target, req, t0, timeout_s=3600, stamps=stamps, result=result)
         tasks.append(asyncio.create_task(coro))
+    started = [(r, t) for (r, _), t in zip(opened, tasks, strict=True)]
+    end = time.monotonic() + 30
+    while time.monotonic() < end and any(not r.status and not t.done() for r, t in started):
+        await asyncio.sleep(0.1)
+    print(json.dumps({"open": sum(1 for r, _ in opened if r.status == 200)}), flush=True)
     await loop.run_in_executor(None, sys.stdin.read)  # until the experiment says stop
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    return [{"job_id": r.job_id, "stamps": s} for r, s in opened]
+    return [
+        {"status": r.status, "error": r.error, "job_id": r.job_id, "stamps": s} for r, s in opened
+    ]
 
 
 def main() -> None:

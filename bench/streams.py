@@ -123,15 +123,27 @@ async def _start_stamper(
     )
 
 
-async def _stamps(stamper: asyncio.subprocess.Process) -> list[tuple[str | None, Stamps]]:
-    """Stop the stamper; each sampled stream's job id and token stamps."""
-    try:
-        out, _ = await asyncio.wait_for(stamper.communicate(b""), 60)
-        return [(s["job_id"], [(int(i), w) for i, w in s["stamps"]]) for s in json.loads(out)]
-    finally:
-        if stamper.returncode is None:
-            stamper.kill()
-            await stamper.wait()
+async def _stamper_open(stamper: asyncio.subprocess.Process, timeout: float) -> int:
+    """Wait for the stamper's streams to have their heads; how many opened (status 200)."""
+    assert stamper.stdout is not None
+    line = await asyncio.wait_for(stamper.stdout.readline(), timeout)
+    if not line:
+        raise RuntimeError(f"bench.stamper exited early (status {await stamper.wait()})")
+    return int(json.loads(line)["open"])
+
+
+async def _stamps(stamper: asyncio.subprocess.Process) -> list[dict[str, Any]]:
+    """Stop the stamper: per sampled stream, its status, error, job id and token stamps."""
+    out, _ = await asyncio.wait_for(stamper.communicate(b""), 60)
+    if stamper.returncode != 0:
+        raise RuntimeError(f"bench.stamper failed (status {stamper.returncode})")
+    return list(json.loads(out))
+
+
+async def _stop(stamper: asyncio.subprocess.Process) -> None:
+    if stamper.returncode is None:
+        stamper.kill()
+        await stamper.wait()
 
 
 async def _wait_open(results: list[Result], timeout: float) -> float:
@@ -194,29 +206,25 @@ async def _one_count(
     )
     async with arm:
         assert arm.gateway is not None
-        warm = [TraceRequest(10**7 + i, 0.0, "warm", 1, "normal", 60_000) for i in range(16)]
-        await run_closed(arm.target(), warm, concurrency=16)
-        await asyncio.sleep(1.0)
-        baseline = arm.gateway.rss_bytes()
+        baseline = await _warm(arm)
         stop, lags = asyncio.Event(), []
         lagger = asyncio.create_task(_loop_lag(stop, lags))
         sample = min(n, plan.stream_sample)
         stamper = await _start_stamper(arm.target(), sample, tokens, ramp_s)
-        results, tasks = await _open(arm.target(), n - sample, plan, tokens)
+        tasks: list[asyncio.Task[Result]] = []
         try:
+            results, tasks = await _open(arm.target(), n - sample, plan, tokens)
             opened = await _wait_open(results, 30 + ramp_s)
+            opened += await _stamper_open(stamper, 60 + ramp_s)
             await asyncio.sleep(2.0)  # let the ramp's burst settle
             since = time.time()
             rss, probe = await _hold(arm, plan)
-            sampled = await _stamps(stamper)
-            opened += sum(1 for job_id, _ in sampled if job_id)
-            held = [w for _, s in sampled for _, w in s if since <= w < since + plan.stream_hold_s]
-            sampled_rate = len(held) / plan.stream_hold_s
+            streams = await _stamps(stamper)
+            sampled, sampled_rate = _sampled(streams, since, plan.stream_hold_s)
             latencies = await _delivery(arm, sampled, since)
         finally:
             stop.set()
-            if stamper.returncode is None:
-                stamper.kill()
+            await _stop(stamper)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, lagger, return_exceptions=True)
@@ -224,18 +232,42 @@ async def _one_count(
     return {
         "streams": n,
         "opened": opened,
-        "errors": sorted({r.error for r in results if r.error})[:3],
+        "errors": sorted({r.error for r in results if r.error} | _errors(streams))[:3],
         "rss_baseline_mb": round(baseline / 2**20, 1),
         "rss_plateau_mb": round(plateau / 2**20, 1),
         "kb_per_stream": round((plateau - baseline) / 1024 / max(1, opened), 2),
         "delivery_p50_ms": percentile(latencies, 50),
         "delivery_p99_ms": percentile(latencies, 99),
         "delivery_samples": len(latencies),
-        "tokens_per_s_per_stream": round(sampled_rate / max(1, len(sampled)), 3),
+        "tokens_per_s_per_stream": round(sampled_rate, 3),
         "healthz": {k: v for k, v in probe.items() if k != "cpu_cores"},
         "cpu_cores": probe.get("cpu_cores", {}),
         "client_loop_lag_p99_ms": percentile(lags, 99),
     }
+
+
+async def _warm(arm: SlipstreamArm) -> int:
+    """A few short requests through the arm, then the gateway's RSS (the baseline)."""
+    assert arm.gateway is not None
+    warm = [TraceRequest(10**7 + i, 0.0, "warm", 1, "normal", 60_000) for i in range(16)]
+    await run_closed(arm.target(), warm, concurrency=16)
+    await asyncio.sleep(1.0)
+    return arm.gateway.rss_bytes()
+
+
+def _sampled(
+    streams: list[dict[str, Any]], since: float, hold_s: float
+) -> tuple[list[tuple[str | None, Stamps]], float]:
+    """The stamper's open streams as (job id, stamps), and their tokens/s per stream over
+    the hold."""
+    ok = [s for s in streams if s["status"] == 200]
+    sampled = [(s["job_id"], [(int(i), w) for i, w in s["stamps"]]) for s in ok]
+    held = sum(1 for _, s in sampled for _, w in s if since <= w < since + hold_s)
+    return sampled, held / hold_s / max(1, len(ok))
+
+
+def _errors(streams: list[dict[str, Any]]) -> set[str]:
+    return {s["error"] or f"HTTP {s['status']}" for s in streams if s["status"] != 200}
 
 
 async def run_streams(plan: Any, workdir: Path) -> dict[str, Any]:

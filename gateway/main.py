@@ -58,6 +58,7 @@ def serve(settings: GatewaySettings, sockets: list[socket.socket]) -> None:
     tune_gc(settings.gc_thresholds)
     config = uvicorn.Config(
         direct_send(app),
+        interface="asgi3",
         host=settings.host,
         port=settings.port,
         log_config=None,

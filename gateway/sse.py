@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import structlog
 from starlette.applications import Starlette
@@ -33,27 +33,45 @@ DIRECT_SEND = "slipstream.direct_send"
 
 
 def direct_send(app: Starlette) -> ASGIApp:
-    """``app`` with the server's ``send`` in each HTTP request's scope (``DIRECT_SEND``).
+    """``app`` with the server's ``send`` in each HTTP request's scope (``DIRECT_SEND``); serve
+    it as ASGI 3 (``interface="asgi3"``: it is a plain function returning ``app``'s call).
 
-    An SSE body frame passed through Starlette's middleware goes through two wrappers
-    (``ServerErrorMiddleware`` and the route's exception handling), which only watch for the
-    response's start: ~3 µs a frame of the relay's ~60. So ``SSEResponse`` sends its start
-    through the middleware, as any response does, and its body frames straight to the server.
-    That is only right when no middleware touches response bodies (compressing or re-streaming
-    them, as Starlette's ``BaseHTTPMiddleware`` does): so each one the app adds must say it
-    leaves them alone (``leaves_bodies = True``), or ``app`` is served as it is.
+    An SSE body frame passed through Starlette's middleware goes through three wrappers
+    (``ServerErrorMiddleware``, ``ExceptionMiddleware`` and the route's exception handling),
+    which only watch for the response's start: ~3 µs a frame of the relay's ~60. So
+    ``SSEResponse`` sends its start through the middleware, as any response does, and its body
+    frames straight to the server. That is only right when nothing in between touches response
+    bodies (compressing or re-streaming them, as Starlette's ``BaseHTTPMiddleware`` does, or
+    FastAPI's own telemetry, which waits for the body's end): each middleware the app adds
+    must say it leaves them alone (``leaves_bodies = True``) and FastAPI's telemetry must be
+    off, or ``app`` is served as it is. The middleware stack is built here, so one added later
+    is refused (Starlette raises) rather than missed; route-level middleware and mounted apps
+    are not looked at (the gateway has neither).
+
+    Not an ``async def``: an open stream holds its whole call stack, so the wrapper hands
+    ``app``'s call back instead of adding a frame of its own to every stream's stack.
     """
-    others = [m.cls for m in app.user_middleware if not getattr(m.cls, "leaves_bodies", False)]
-    if others:
-        log.warning("direct_send_off", middleware=[getattr(c, "__name__", c) for c in others])
+    if others := _touching_bodies(app):
+        log.warning("direct_send_off", middleware=others)
         return app
+    app.middleware_stack = app.build_middleware_stack()
 
-    async def served(scope: Scope, receive: Receive, send: Send) -> None:
+    def served(scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         if scope["type"] == "http":
             scope[DIRECT_SEND] = send
-        await app(scope, receive, send)
+        return app(scope, receive, send)
 
     return served
+
+
+def _touching_bodies(app: Starlette) -> list[str]:
+    """What in ``app`` may see response bodies besides the server (empty: nothing)."""
+    named = [m.cls for m in app.user_middleware if not getattr(m.cls, "leaves_bodies", False)]
+    others = [getattr(c, "__name__", repr(c)) for c in named]
+    telemetry = getattr(app, "_telemetry", None) or {}  # FastAPI's ``telemetry=`` argument
+    if any(telemetry.get(k) for k in ("tracing", "metrics", "logs")):
+        others.append("FastAPI telemetry")
+    return others
 
 
 class StreamCut:

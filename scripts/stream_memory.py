@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from gateway.app import create_app  # noqa: E402
 from gateway.settings import GatewaySettings  # noqa: E402
+from gateway.sse import direct_send  # noqa: E402
 from tests.helpers import free_port, running_app  # noqa: E402
 
 CLIENT = r"""
@@ -62,7 +63,7 @@ async def measure(n: int, redis_url: str) -> None:
     port = free_port()
     client = None
     try:
-        async with running_app(create_app(settings), port):
+        async with running_app(direct_send(create_app(settings)), port):
             await asyncio.sleep(3)
             gc.collect()
             tracemalloc.start(1)

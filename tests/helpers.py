@@ -108,6 +108,7 @@ async def running_app(app: Any, port: int) -> AsyncIterator[str]:
     """Serve an app built by the test (``create_app`` plus test-only routes); yields its URL."""
     config = uvicorn.Config(
         app,
+        interface="asgi3",  # every app here is; ``direct_send``'s is a plain function
         host="127.0.0.1",
         port=port,
         log_config=None,

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
@@ -16,13 +17,17 @@ from gateway.sse import DIRECT_SEND, Outlet, SSEResponse, StreamCut, direct_send
 from tests.helpers import free_port, running_app
 
 
-def _stream(cut: StreamCut) -> SSEResponse:
+def _stream(cut: StreamCut, inline_sends: list[object] | None = None) -> SSEResponse:
+    outlet = Outlet(cut, 5.0)
+
     async def frames() -> AsyncIterator[bytes]:
         yield b"data: 1\n\n"
+        if inline_sends is not None:  # what the inline relay would write with, meanwhile
+            inline_sends.append(outlet.send)
         cut.last_frame = True
         yield b"data: 2\n\n"
 
-    return SSEResponse(frames(), headers={}, outlet=Outlet(cut, 5.0), deadlines=Deadlines())
+    return SSEResponse(frames(), headers={}, outlet=outlet, deadlines=Deadlines())
 
 
 async def test_the_start_goes_through_the_middleware_and_the_body_straight_out() -> None:
@@ -40,7 +45,10 @@ async def test_the_start_goes_through_the_middleware_and_the_body_straight_out()
         return {"type": "http.disconnect"}
 
     scope = {"type": "http", "path": "/", DIRECT_SEND: server}
-    await asyncio.wait_for(_stream(StreamCut())(scope, receive, through_middleware), 5)
+    inline_sends: list[object] = []
+    stream = _stream(StreamCut(), inline_sends)
+    await asyncio.wait_for(stream(scope, receive, through_middleware), 5)
+    assert inline_sends == [server]  # the inline relay's writes go straight out too
     assert [m["type"] for m in wrapped] == ["http.response.start"]
     assert [(m["body"], m["more_body"]) for m in direct] == [
         (b"data: 1\n\n", True),
@@ -67,7 +75,7 @@ async def _read(served: Any) -> str:
 
 
 def _app() -> FastAPI:
-    app = FastAPI()
+    app = FastAPI(telemetry={"tracing": False, "metrics": False, "logs": False})  # as the gateway
 
     @app.get("/events")
     async def events() -> SSEResponse:
@@ -97,3 +105,17 @@ async def test_an_app_with_a_middleware_that_may_touch_bodies_is_served_as_it_is
     assert served is app
     assert await _read(served) == "data: 1\n\ndata: 2\n\n"
     assert seen == ["/events"]
+
+
+def test_fastapi_telemetry_watching_the_body_keeps_the_app_as_it_is() -> None:
+    app = FastAPI(telemetry={"tracing": True, "metrics": False, "logs": False})
+    assert direct_send(app) is app
+    quiet = FastAPI(telemetry={"tracing": False, "metrics": False, "logs": False})
+    assert direct_send(quiet) is not quiet
+
+
+def test_a_middleware_added_after_it_is_refused_not_missed() -> None:
+    app = _app()
+    direct_send(app)
+    with pytest.raises(RuntimeError):
+        app.add_middleware(_Passing)
