@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -87,3 +88,40 @@ async def test_a_failed_renewal_batch_leaves_the_others_renewed(
 
 async def _fail() -> None:
     raise RedisConnectionError("down")
+
+
+async def test_a_pull_whose_answer_was_lost_gets_its_claim_back(
+    redis: Redis, redis_url: str
+) -> None:
+    """The PULL script ran and claimed a job, but its answer never came back (Redis failing
+    over, past the client's retries): the worker's next pull repeats the lost one's id and
+    runs that job now, not after its lease (60 s here) runs out. A fresh id instead (the
+    behaviour before) leaves the job claimed and silent: this test then times out."""
+    settings = worker_settings(redis_url, lease_s=60.0)
+    worker = Worker(settings, redis, SimEngine(SimProfile(ttft_s=0.0, tokens_per_s=500.0)))
+    real_pull, ids, lost = worker.store.pull, [], []
+
+    async def pull_losing_the_first_answer(*args: Any, **kwargs: Any) -> Any:
+        ids.append(kwargs.get("pull_id"))
+        result = await real_pull(*args, **kwargs)
+        if not lost and result.claimed is not None:
+            lost.append(result.claimed.job.id)
+            raise RedisConnectionError("the answer was lost")
+        return result
+
+    worker.store.pull = pull_losing_the_first_answer  # type: ignore[method-assign]
+    job = make_job(max_tokens=4)
+    await worker.store.enqueue(job)
+    running = asyncio.create_task(worker.run())
+    try:
+        for _ in range(100):
+            if await worker.store.job_state(job.model, job.id) == "completed":
+                break
+            await asyncio.sleep(0.05)
+        assert lost == [job.id], "the first claim's answer was lost"
+        assert await worker.store.job_state(job.model, job.id) == "completed"
+        assert ids[0] == ids[1], "the pull after the lost answer repeats its id"
+        assert len(set(ids[1:])) == len(ids) - 1, "once answered, each pull is a new one"
+    finally:
+        worker.stop()
+        await asyncio.wait_for(running, 10)

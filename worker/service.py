@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import uuid
 from contextlib import suppress
 from typing import Any
 
@@ -53,6 +54,7 @@ class Worker:
         self.running: dict[str, tuple[asyncio.Task[object], Claimed]] = {}
         self.stopping = asyncio.Event()
         self._stopper: asyncio.Task[bool] | None = None  # see ``_stop_waiter``
+        self._pull_id: str | None = None  # the id of a pull not answered yet (``_pull_once``)
         self.caps = to_bits(engine.capabilities)  # what PULL lets this worker take
         self.registry = Registry(redis, self.keys, self._info())
         self.advertiser = Advertiser(
@@ -145,6 +147,10 @@ class Worker:
         if not cap.has_slot or not self.engine.healthy() or not self.engine.has_room():
             await cap.wait_for_release(1.0)
             return
+        # A pull whose answer never came (Redis failing over, past the client's own retries)
+        # may have claimed a job: the next pull repeats its id, so PULL hands that claim back
+        # instead of leaving the job to run out its lease unheard (``shared/lua/pull.lua``).
+        self._pull_id = self._pull_id or uuid.uuid4().hex
         result = await self.store.pull(
             self.settings.model,
             self.id,
@@ -156,7 +162,9 @@ class Worker:
             max_deliveries=self.settings.max_deliveries,
             worker_ttl_ms=int(self.settings.worker_ttl_s * 1000),
             caps=self.caps,
+            pull_id=self._pull_id,
         )
+        self._pull_id = None  # answered: the next pull is a new one
         if result.kind == "job" and result.claimed is not None:
             self.metrics.job_claimed(result.outcome, result.affinity_wait_ms)
             began = self._start(result.claimed)
