@@ -119,3 +119,33 @@ def test_a_middleware_added_after_it_is_refused_not_missed() -> None:
     direct_send(app)
     with pytest.raises(RuntimeError):
         app.add_middleware(_Passing)
+
+
+async def test_a_stream_that_fails_midway_ends_the_response_and_the_server_serves_on() -> None:
+    """Frames go direct, the failure still goes through the middleware: the client gets the
+    frames before it and a cut body (no 500 once the response started); the next request on
+    the same server is served."""
+    app = _app()
+
+    @app.get("/broken")
+    async def broken() -> SSEResponse:
+        cut = StreamCut()
+
+        async def frames() -> AsyncIterator[bytes]:
+            yield b"data: 1\n\n"
+            raise RuntimeError("the frame source broke")
+
+        return SSEResponse(frames(), headers={}, outlet=Outlet(cut, 5.0), deadlines=Deadlines())
+
+    served = direct_send(app)
+    assert served is not app
+    async with running_app(served, free_port()) as base, httpx.AsyncClient(timeout=5) as client:
+        seen = b""
+        with pytest.raises(httpx.RemoteProtocolError):
+            async with client.stream("GET", f"{base}/broken") as response:
+                assert response.status_code == 200
+                async for chunk in response.aiter_bytes():
+                    seen += chunk
+        assert seen == b"data: 1\n\n"
+        again = await client.get(f"{base}/events")
+        assert again.status_code == 200 and again.text == "data: 1\n\ndata: 2\n\n"
