@@ -45,20 +45,9 @@ from bench.fleet import MODEL, Backend
 from bench.machine import describe
 from bench.process import PYTHON, own_cpu_seconds, wait_until
 from bench.result import Result
+from bench.stamper import Stamper
 from bench.stats import combine, percentile
-from bench.streams import (
-    _delivery,
-    _errors,
-    _loop_lag,
-    _open,
-    _probe,
-    _sampled,
-    _stamper_open,
-    _stamps,
-    _start_stamper,
-    _stop,
-    _wait_open,
-)
+from bench.streams import _delivery, _loop_lag, _open, _probe, _wait_open
 
 T = TypeVar("T")
 
@@ -297,22 +286,21 @@ async def hold_once(plan: Plan, n: int, count: int, workdir: Path) -> dict[str, 
         stop, lags = asyncio.Event(), list[float]()
         lagger = asyncio.create_task(_loop_lag(stop, lags))
         sample = min(count, plan.stream_sample)  # held by ``bench.stamper``, not this loop
-        stamper = await _start_stamper(arm.target(), sample, tokens, ramp_s)
+        stamper = await Stamper.start(arm.target(), sample, tokens, ramp_s)
         tasks: list[asyncio.Task[Result]] = []
         try:
             results, tasks = await _open(arm.target(), count - sample, plan, tokens)
             opened = await _wait_open(results, 30 + ramp_s)
-            opened += await _stamper_open(stamper, 60 + ramp_s)
+            opened += await stamper.opened(60 + ramp_s)
             await asyncio.sleep(2.0)  # let the ramp's burst settle
             since = time.time()
             rss, probe, cores = await _hold(arm, plan)
             conns = _streams_per_process(arm)
-            streams = await _stamps(stamper)
-            sampled, rate = _sampled(streams, since, plan.hold_s)
-            latencies = await _delivery(arm, sampled, since)
+            sampled = await stamper.finish(since, plan.hold_s)
+            latencies = await _delivery(arm, sampled.streams, since)
         finally:
             stop.set()
-            await _stop(stamper)
+            await stamper.close()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, lagger, return_exceptions=True)
@@ -321,7 +309,7 @@ async def hold_once(plan: Plan, n: int, count: int, workdir: Path) -> dict[str, 
         "processes": n,
         "streams": count,
         "opened": opened,
-        "errors": sorted({r.error for r in results if r.error} | _errors(streams))[:3],
+        "errors": sorted({r.error for r in results if r.error} | sampled.errors)[:3],
         "rss_baseline_mb": round(baseline / 2**20, 1),
         "uss_baseline_mb": round(baseline_uss / 2**20, 1),
         "rss_plateau_mb": round(plateau / 2**20, 1),
@@ -329,7 +317,7 @@ async def hold_once(plan: Plan, n: int, count: int, workdir: Path) -> dict[str, 
         "delivery_p50_ms": _r(percentile(latencies, 50)),
         "delivery_p99_ms": _r(percentile(latencies, 99)),
         "delivery_samples": len(latencies),
-        "tokens_per_s_per_stream": round(rate, 3),
+        "tokens_per_s_per_stream": round(sampled.tokens_per_s, 3),
         "healthz_p50_ms": _r(probe.get("p50_ms")),
         "healthz_p99_ms": _r(probe.get("p99_ms")),
         "gateway_cores": cores.get("gateway"),

@@ -25,6 +25,7 @@ from bench.client import Stamps, Target, one_request, run_closed
 from bench.fleet import MODEL, Backend
 from bench.process import PYTHON, gateway_split, own_cpu_seconds
 from bench.result import Result
+from bench.stamper import Stamper
 from bench.stats import percentile
 from bench.trace import TraceRequest
 
@@ -106,46 +107,6 @@ async def _open(
     return results, tasks
 
 
-async def _start_stamper(
-    target: Target, sample: int, tokens: int, ramp_s: float
-) -> asyncio.subprocess.Process:
-    """``bench.stamper``: the latency sample's streams, in a process of their own."""
-    args = ["--url", target.base_url, "--streams", str(sample), "--tokens", str(tokens)]
-    return await asyncio.create_subprocess_exec(
-        PYTHON,
-        "-m",
-        "bench.stamper",
-        *args,
-        "--ramp-s",
-        str(ramp_s),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-
-
-async def _stamper_open(stamper: asyncio.subprocess.Process, timeout: float) -> int:
-    """Wait for the stamper's streams to have their heads; how many opened (status 200)."""
-    assert stamper.stdout is not None
-    line = await asyncio.wait_for(stamper.stdout.readline(), timeout)
-    if not line:
-        raise RuntimeError(f"bench.stamper exited early (status {await stamper.wait()})")
-    return int(json.loads(line)["open"])
-
-
-async def _stamps(stamper: asyncio.subprocess.Process) -> list[dict[str, Any]]:
-    """Stop the stamper: per sampled stream, its status, error, job id and token stamps."""
-    out, _ = await asyncio.wait_for(stamper.communicate(b""), 60)
-    if stamper.returncode != 0:
-        raise RuntimeError(f"bench.stamper failed (status {stamper.returncode})")
-    return list(json.loads(out))
-
-
-async def _stop(stamper: asyncio.subprocess.Process) -> None:
-    if stamper.returncode is None:
-        stamper.kill()
-        await stamper.wait()
-
-
 async def _wait_open(results: list[Result], timeout: float) -> float:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -210,21 +171,20 @@ async def _one_count(
         stop, lags = asyncio.Event(), []
         lagger = asyncio.create_task(_loop_lag(stop, lags))
         sample = min(n, plan.stream_sample)
-        stamper = await _start_stamper(arm.target(), sample, tokens, ramp_s)
+        stamper = await Stamper.start(arm.target(), sample, tokens, ramp_s)
         tasks: list[asyncio.Task[Result]] = []
         try:
             results, tasks = await _open(arm.target(), n - sample, plan, tokens)
             opened = await _wait_open(results, 30 + ramp_s)
-            opened += await _stamper_open(stamper, 60 + ramp_s)
+            opened += await stamper.opened(60 + ramp_s)
             await asyncio.sleep(2.0)  # let the ramp's burst settle
             since = time.time()
             rss, probe = await _hold(arm, plan)
-            streams = await _stamps(stamper)
-            sampled, sampled_rate = _sampled(streams, since, plan.stream_hold_s)
-            latencies = await _delivery(arm, sampled, since)
+            sampled = await stamper.finish(since, plan.stream_hold_s)
+            latencies = await _delivery(arm, sampled.streams, since)
         finally:
             stop.set()
-            await _stop(stamper)
+            await stamper.close()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, lagger, return_exceptions=True)
@@ -232,14 +192,14 @@ async def _one_count(
     return {
         "streams": n,
         "opened": opened,
-        "errors": sorted({r.error for r in results if r.error} | _errors(streams))[:3],
+        "errors": sorted({r.error for r in results if r.error} | sampled.errors)[:3],
         "rss_baseline_mb": round(baseline / 2**20, 1),
         "rss_plateau_mb": round(plateau / 2**20, 1),
         "kb_per_stream": round((plateau - baseline) / 1024 / max(1, opened), 2),
         "delivery_p50_ms": percentile(latencies, 50),
         "delivery_p99_ms": percentile(latencies, 99),
         "delivery_samples": len(latencies),
-        "tokens_per_s_per_stream": round(sampled_rate, 3),
+        "tokens_per_s_per_stream": round(sampled.tokens_per_s, 3),
         "healthz": {k: v for k, v in probe.items() if k != "cpu_cores"},
         "cpu_cores": probe.get("cpu_cores", {}),
         "client_loop_lag_p99_ms": percentile(lags, 99),
@@ -253,21 +213,6 @@ async def _warm(arm: SlipstreamArm) -> int:
     await run_closed(arm.target(), warm, concurrency=16)
     await asyncio.sleep(1.0)
     return arm.gateway.rss_bytes()
-
-
-def _sampled(
-    streams: list[dict[str, Any]], since: float, hold_s: float
-) -> tuple[list[tuple[str | None, Stamps]], float]:
-    """The stamper's open streams as (job id, stamps), and their tokens/s per stream over
-    the hold."""
-    ok = [s for s in streams if s["status"] == 200]
-    sampled = [(s["job_id"], [(int(i), w) for i, w in s["stamps"]]) for s in ok]
-    held = sum(1 for _, s in sampled for _, w in s if since <= w < since + hold_s)
-    return sampled, held / hold_s / max(1, len(ok))
-
-
-def _errors(streams: list[dict[str, Any]]) -> set[str]:
-    return {s["error"] or f"HTTP {s['status']}" for s in streams if s["status"] != 200}
 
 
 async def run_streams(plan: Any, workdir: Path) -> dict[str, Any]:
