@@ -51,7 +51,7 @@ from shared.errors import InvalidRequest, Overloaded
 from shared.fleet import live_workers
 from shared.jobs import read_backlog
 from shared.keys import Keys
-from shared.models import Job, JobState, Priority, WorkerInfo
+from shared.models import Job, JobRef, JobState, Priority, WorkerInfo
 from shared.redis import RedisClient
 
 log = structlog.get_logger("slipstream.gateway")
@@ -289,7 +289,7 @@ class Admission:
         )
 
     # --- queue position ---------------------------------------------------------------------
-    async def position(self, job: Job, max_age_s: float = 0.0) -> QueuePosition | None:
+    async def position(self, job: JobRef, max_age_s: float = 0.0) -> QueuePosition | None:
         """Where a queued job stands: jobs ahead (higher priorities, then older ones of its
         own) and an estimated start. None when it is not queued (any more). The queue and
         backlog it counts may be up to ``max_age_s`` old (``QueueScan``); the job's own
@@ -316,7 +316,7 @@ class Admission:
         rate = self.rate_for(job.model, job.priority)
         return QueuePosition(jobs, round(1000 * tokens / rate) if rate else None)
 
-    async def progress(self, job: Job) -> bytes:
+    async def progress(self, job: JobRef) -> bytes:
         """An SSE comment for a queued stream (SSE clients and the openai SDK skip comments);
         empty when the job is not queued."""
         try:

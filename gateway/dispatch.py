@@ -36,12 +36,14 @@ class Dispatch:
         "first_token_at",
         "job",
         "observer",
+        "payload",
         "serves",
         "stall_timeout_s",
         "started",
         "started_at",
         "store",
         "submit",
+        "unsent",
         "worker_ttl_s",
         "worker_wait_s",
     )
@@ -62,7 +64,12 @@ class Dispatch:
         serves: Callable[[str], bool] | None = None,
     ) -> None:
         self.store = store
-        self.job = job
+        # A stream lives for minutes and there may be 10,000: it keeps of its job only what it
+        # reads (``JobRef``), and once the job is in Redis, the JSON sent there (to submit it
+        # again if Redis loses it), not the ``Job`` model (~2 KB more per stream).
+        self.job = job.ref()
+        self.unsent: Job | None = job if submit else None  # until ``open`` enqueues it
+        self.payload: str | None = None
         self.worker_wait_s = worker_wait_s
         self.stall_timeout_s = stall_timeout_s
         self.worker_ttl_s = worker_ttl_s
@@ -92,12 +99,14 @@ class Dispatch:
     async def open(self) -> None:
         """Listen first, then enqueue when submitting (no event can be missed)."""
         await self.events.__aenter__()
-        if self.submit:
+        if self.unsent is not None:
+            payload = self.unsent.model_dump_json()
             try:
-                await self.store.enqueue(self.job)
+                await self.store.enqueue(self.unsent, payload=payload)
             except BaseException:
                 await self.events.__aexit__(None, None, None)
                 raise
+            self.unsent, self.payload = None, payload
 
     async def close(self) -> None:
         """Leave the job: cancel it if unfinished and ``cancel_on_exit``; stop listening."""
@@ -206,14 +215,14 @@ class Dispatch:
 
     async def _enforce_limits(self) -> None:
         job, store = self.job, self.store
-        if self.submit and self.events.gone:
+        if self.payload is not None and self.events.gone:
             # Redis lost the job (a restart inside the AOF fsync window): submit it again.
             # Sequence numbers start over; events this stream already passed on are dropped.
             # Found by the log read a quiet stream makes every ``poll_s`` anyway (which then
             # ends the wait), not by a read of its own: at 10,000 streams that read was a
             # quarter of the gateway's CPU.
             log.warning("job_resubmitted", job_id=job.id, request_id=job.request_id)
-            await store.enqueue(job)
+            await store.enqueue(Job.model_validate_json(self.payload), payload=self.payload)
             self.events.gone = False
             return
         if self._past_deadline():

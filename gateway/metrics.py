@@ -21,7 +21,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
 from gateway.cluster import ClusterSnapshot, MasterWatch
-from shared.models import DoneEvent, ErrorEvent, Event, Job, TokenEvent
+from shared.models import DoneEvent, ErrorEvent, Event, JobRef, TokenEvent
 
 if TYPE_CHECKING:
     from gateway.dispatch import Dispatch
@@ -277,7 +277,7 @@ class GatewayMetrics:
     def track_open_streams(self, count: Callable[[], int]) -> None:
         self.open_streams.set_function(count)
 
-    def observe(self, job: Job, *, stream: bool, timed: bool = True) -> RequestObserver:
+    def observe(self, job: JobRef, *, stream: bool, timed: bool = True) -> RequestObserver:
         """Start following one request; ``timed=False`` (a replayed job) records no latency."""
         return RequestObserver(self, job, stream=stream, timed=timed)
 
@@ -329,7 +329,7 @@ class RequestObserver:
         "tokens",
     )
 
-    def __init__(self, metrics: GatewayMetrics, job: Job, *, stream: bool, timed: bool) -> None:
+    def __init__(self, metrics: GatewayMetrics, job: JobRef, *, stream: bool, timed: bool) -> None:
         self.metrics = metrics
         self.job = job
         self.streamed = metrics.streamed.setdefault(job.model, Tally())  # once, not per event

@@ -57,8 +57,9 @@ class JobStore:
         budget = 0 if job.deadline_at_ms is None else job.deadline_at_ms - job.enqueued_at_ms
         return self.ttl_ms + max(0, budget)
 
-    async def enqueue(self, job: Job) -> str:
-        """Store the job and append it to its queue; returns the queue entry id.
+    async def enqueue(self, job: Job, *, payload: str | None = None) -> str:
+        """Store the job and append it to its queue; returns the queue entry id. ``payload``:
+        the job's JSON when the caller has it already.
 
         The job-index entry and the script go out in one round trip. The script is called by
         its hash (a ``Script`` in a pipeline would add a ``SCRIPT EXISTS`` round trip); when
@@ -74,7 +75,7 @@ class JobStore:
             share=k.share(model, prio),
             deferred=k.deferred(model, prio, job.tenant),
             job_id=job.id,
-            payload=job.model_dump_json(),
+            payload=job.model_dump_json() if payload is None else payload,
             cost=job.cost_tokens,
             ttl=ttl_ms,
             group=CONSUMER_GROUP,

@@ -7,6 +7,7 @@ an older worker's messages instead of misreading them.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -91,6 +92,22 @@ class Job(BaseModel):
     def cost_tokens(self) -> int:
         """Capacity a worker reserves for this job: prompt estimate plus the output budget."""
         return self.prompt_tokens_estimate + self.params.max_tokens
+
+    def ref(self) -> JobRef:
+        return JobRef(self.id, self.model, self.priority, self.request_id, self.deadline_at_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class JobRef:
+    """What names and ranks a job: all that a gateway's stream reads of its job once the job
+    is in Redis. A ``Job`` held by each open stream for its whole life was ~2 KB of it (the
+    model, its ``SamplingParams``, pydantic's record of the fields set); this is ~0.1 KB."""
+
+    id: str
+    model: str
+    priority: Priority
+    request_id: str
+    deadline_at_ms: int | None = None
 
 
 class Usage(BaseModel):

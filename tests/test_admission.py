@@ -294,13 +294,13 @@ async def test_job_position_for_the_job_api(redis: Redis, redis_url: str) -> Non
     jobs = [make_job(max_tokens=98, priority=p) for p in ("normal", "high", "normal", "low")]
     for job in jobs:
         await store.enqueue(job)
-    assert await admission.position(jobs[1]) == (0, 0)
-    assert await admission.position(jobs[0]) == (1, 500)
-    assert await admission.position(jobs[2]) == (2, 1000)
-    assert await admission.position(jobs[3]) == (3, 1500)
+    assert await admission.position(jobs[1].ref()) == (0, 0)
+    assert await admission.position(jobs[0].ref()) == (1, 500)
+    assert await admission.position(jobs[2].ref()) == (2, 1000)
+    assert await admission.position(jobs[3].ref()) == (3, 1500)
     await store.cancel("sim-model", jobs[0].id)
-    assert await admission.position(jobs[2]) == (1, 500)
-    assert await admission.position(jobs[0]) is None  # not queued any more
+    assert await admission.position(jobs[2].ref()) == (1, 500)
+    assert await admission.position(jobs[0].ref()) is None  # not queued any more
 
 
 async def test_a_job_reserved_for_its_warm_worker_is_next_in_line(
@@ -316,9 +316,9 @@ async def test_a_job_reserved_for_its_warm_worker_is_next_in_line(
     await store.enqueue(job)
     keys = Keys()
     await redis.xreadgroup(CONSUMER_GROUP, "w1", {keys.queue(job.model, job.priority): ">"})
-    assert await admission.position(job) is None  # delivered and not reserved: not queued
+    assert await admission.position(job.ref()) is None  # delivered and not reserved: not queued
     await redis.hset(keys.job(job.model, job.id), "rsv", "w1")  # type: ignore[misc]
-    assert await admission.position(job) == (0, 0)
+    assert await admission.position(job.ref()) == (0, 0)
 
 
 async def test_openai_sdk_ignores_progress_comments(redis_url: str) -> None:

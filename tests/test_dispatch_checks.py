@@ -61,9 +61,10 @@ async def events_for(dispatch: Dispatch, seconds: float) -> list[Event]:
 
 async def test_a_job_redis_lost_is_submitted_again(redis: Redis, mux: PubSubMultiplexer) -> None:
     dispatch = dispatch_for(redis, mux, serves=lambda _model: True)
-    job = dispatch.job
+    job, sent = dispatch.job, dispatch.unsent
     await dispatch.open()
     try:
+        assert dispatch.unsent is None  # the stream keeps the job's JSON, not its model
         assert await dispatch.store.job_state(job.model, job.id) == "queued"
         await redis.flushdb()  # Redis came back without it (the AOF's last second)
         for _ in range(20):  # bounded: 10 s
@@ -72,6 +73,7 @@ async def test_a_job_redis_lost_is_submitted_again(redis: Redis, mux: PubSubMult
             await dispatch.next(timeout=0.5)
         assert await dispatch.store.job_state(job.model, job.id) == "queued"
         assert await redis.xlen(KEYS.queue(job.model, job.priority)) == 1
+        assert await dispatch.store.load_job(job.model, job.id) == sent  # the same job again
     finally:
         await dispatch.close()
 

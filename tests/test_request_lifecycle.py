@@ -19,6 +19,7 @@ from tests.helpers import (
     running_worker,
     worker_settings,
 )
+from worker.service import Worker
 
 BODY = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -28,11 +29,20 @@ async def busy_stack_request(base: str, headers: dict[str, str], **body: object)
         return await client.post("/v1/chat/completions", json={**BODY, **body}, headers=headers)
 
 
+async def until_running(worker: Worker, timeout: float = 5.0) -> None:
+    """Until ``worker`` runs a job (a fixed sleep was not always enough on a loaded machine:
+    the job behind the blocker was then served first)."""
+    end = time.monotonic() + timeout
+    while not worker.running:
+        assert time.monotonic() < end, "the blocker never started"
+        await asyncio.sleep(0.01)
+
+
 async def test_deadline_passes_while_queued_is_504(redis: Redis, redis_url: str) -> None:
     settings = worker_settings(redis_url, max_seqs=1, sim_tokens_per_s=20.0)
-    async with running_gateway(gateway_settings(redis_url)) as base, running_worker(settings):
+    async with running_gateway(gateway_settings(redis_url)) as base, running_worker(settings) as w:
         blocker = asyncio.create_task(busy_stack_request(base, {}, max_tokens=40))
-        await asyncio.sleep(0.2)
+        await until_running(w)
         began = time.monotonic()
         late = await busy_stack_request(base, {"X-Deadline-Ms": "300"}, max_tokens=5)
         assert late.status_code == 504
@@ -51,9 +61,9 @@ async def test_deadline_passes_while_queued_is_504(redis: Redis, redis_url: str)
 async def test_deadline_while_streaming_sends_error_event(redis_url: str) -> None:
     settings = worker_settings(redis_url, max_seqs=1, sim_tokens_per_s=20.0)
     gw = gateway_settings(redis_url, stream_start_s=0.05)
-    async with running_gateway(gw) as base, running_worker(settings):
+    async with running_gateway(gw) as base, running_worker(settings) as w:
         blocker = asyncio.create_task(busy_stack_request(base, {}, max_tokens=20))
-        await asyncio.sleep(0.2)
+        await until_running(w)
         async with (
             httpx.AsyncClient(base_url=base, timeout=10) as client,
             client.stream(

@@ -62,7 +62,7 @@ async def generate(request: Request, kind: Kind) -> Response:
     cancel = cancel_on_disconnect(request) and submit
     dispatch = new_dispatch(state, job, submit=submit, cancel_on_exit=cancel)
     bind_job(job)
-    observer = dispatch.observer = state.metrics.observe(job, stream=stream, timed=submit)
+    observer = dispatch.observer = state.metrics.observe(dispatch.job, stream=stream, timed=submit)
     writer = writer_for(job)
     try:
         if stream:

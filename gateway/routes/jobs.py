@@ -92,7 +92,7 @@ async def get_job(request: Request, job_id: str) -> dict[str, Any]:
             "worker": fields.get("owner"),
         }
     if fields.get("state") == "queued":
-        place = await state.admission.position(job)
+        place = await state.admission.position(job.ref())
         if place is not None:
             result["queue"] = {"position": place.position, "eta_ms": place.eta_ms}
     return {
