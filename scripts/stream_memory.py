@@ -1,12 +1,14 @@
 """Where an open stream's memory goes: tracemalloc in a gateway holding N SSE streams.
 
     .venv/bin/python scripts/stream_memory.py 1000
+    .venv/bin/python scripts/stream_memory.py 1000 4000   # each prompt 4,000 characters longer
 
 Starts its own redis-server (temporary directory, free port), a simulated worker generating
 1 token/s per stream, the gateway in this process with tracemalloc on, and a client process
-that opens N streams at once. Prints the traced bytes per stream (the figure quoted in
-docs/benchmarks.md) and the allocation sites that hold the most. A profiling tool, not a
-benchmark: tracemalloc itself inflates RSS, so the bench's RSS figures come from `make bench`.
+that opens N streams at once; it waits until the gateway relays them all. Prints the traced
+bytes per stream (the figure quoted in docs/benchmarks.md) and the allocation sites that hold
+the most. A profiling tool, not a benchmark: tracemalloc itself inflates RSS, so the bench's
+RSS figures come from `make bench`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import tempfile
 import tracemalloc
 from pathlib import Path
 
+import httpx
 import structlog
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +38,8 @@ CLIENT = r"""
 import asyncio, sys
 async def one(port, i):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    body = b'{"model":"sim","prompt":"s %d","max_tokens":500,"stream":true}' % i
+    pad = b"x" * int(sys.argv[3])
+    body = b'{"model":"sim","prompt":"s %d %s","max_tokens":500,"stream":true}' % (i, pad)
     head = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
     writer.write(head + b"content-length: %d\r\n\r\n" % len(body) + body)
     while await reader.read(65536):
@@ -47,7 +51,7 @@ asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
 """
 
 
-async def measure(n: int, redis_url: str) -> None:
+async def measure(n: int, redis_url: str, pad: int) -> None:
     worker = subprocess.Popen(
         [
             *(sys.executable, "-m", "slipstream", "worker", "--model", "sim", "--engine", "sim"),
@@ -63,17 +67,22 @@ async def measure(n: int, redis_url: str) -> None:
     port = free_port()
     client = None
     try:
-        async with running_app(direct_send(create_app(settings)), port):
+        async with (
+            running_app(direct_send(create_app(settings)), port),
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http,
+        ):
             await asyncio.sleep(3)
+            await relaying(http)  # the /metrics client's imports and pools, before the snapshot
             gc.collect()
             tracemalloc.start(1)
             before = tracemalloc.take_snapshot()
-            client = subprocess.Popen([sys.executable, "-c", CLIENT, str(port), str(n)])
-            await asyncio.sleep(max(8.0, n / 200) + 4)
+            client = subprocess.Popen([sys.executable, "-c", CLIENT, str(port), str(n), str(pad)])
+            opened = await open_streams(http, n, timeout=max(30.0, n / 20))
+            await asyncio.sleep(4)  # tokens flowing in every stream
             gc.collect()
             held = tracemalloc.take_snapshot().compare_to(before, "lineno")
             total = sum(s.size_diff for s in held)
-            print(f"{n} streams: {total / n / 1024:.1f} KB traced per stream")
+            print(f"{n} streams ({opened} relaying): {total / n / 1024:.1f} KB traced per stream")
             for s in held[:20]:
                 frame = s.traceback[0]
                 where = frame.filename.split("site-packages/")[-1].replace(str(ROOT) + "/", "")
@@ -86,8 +95,27 @@ async def measure(n: int, redis_url: str) -> None:
         worker.kill()
 
 
+async def relaying(http: httpx.AsyncClient) -> int:
+    """The streams the gateway relays now (its ``open_streams`` gauge)."""
+    text = (await http.get("/metrics")).text
+    line = next(x for x in text.splitlines() if x.startswith("slipstream_gateway_open_streams"))
+    return int(float(line.split()[-1]))
+
+
+async def open_streams(http: httpx.AsyncClient, n: int, timeout: float) -> int:
+    """Wait until the gateway relays ``n`` streams or ``timeout`` passes; returns how many it
+    relays. A stream whose job has not started yet still holds its request (the body, the
+    ``Job``), so a snapshot taken at a fixed time measured a mix that depended on the
+    machine's speed."""
+    end = asyncio.get_running_loop().time() + timeout
+    while (count := await relaying(http)) < n and asyncio.get_running_loop().time() < end:
+        await asyncio.sleep(0.5)
+    return count
+
+
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
+    pad = int(sys.argv[2]) if len(sys.argv) > 2 else 0
     # one log line per request otherwise
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     port = free_port()
@@ -100,7 +128,7 @@ def main() -> None:
             stdout=subprocess.DEVNULL,
         )
         try:
-            asyncio.run(measure(n, f"redis://127.0.0.1:{port}/0"))
+            asyncio.run(measure(n, f"redis://127.0.0.1:{port}/0", pad))
         finally:
             redis.kill()
 
