@@ -305,3 +305,43 @@ async def test_sweep_expires_a_stranded_job_past_its_deadline(redis: Redis) -> N
     assert await store.sweep_expired_leases("sim-model") == [job.id]
     assert await store.job_state("sim-model", job.id) == "expired"
     assert await redis.zcard(KEYS.leases("sim-model")) == 0
+
+
+async def _pull_one(store: JobStore) -> str:
+    result = await store.pull(
+        "sim-model", "w", free_tokens=10_000, idle=True, lease_ms=60_000,
+        aging_ms={Priority.LOW: 0}, max_deliveries=3,
+    )  # fmt: skip
+    return result.kind
+
+
+async def test_a_pull_judges_the_deadline_enqueue_recorded(redis: Redis) -> None:
+    """PULL reads the job hash's ``deadline`` (not its payload, which it would have to decode
+    whole): a job whose recorded deadline passed is expired, not handed out."""
+    from tests.helpers import make_job
+
+    store = JobStore(redis, KEYS, ttl_s=60)
+    job = make_job()  # no deadline in its payload
+    await store.enqueue(job)
+    assert await redis.hget(KEYS.job("sim-model", job.id), "deadline") == "0"
+    await redis.hset(KEYS.job("sim-model", job.id), "deadline", now_ms() - 1000)
+    assert await _pull_one(store) == "skipped"
+    assert await store.job_state("sim-model", job.id) == "expired"
+
+
+async def test_a_job_queued_without_the_deadline_field_is_judged_by_its_payload(
+    redis: Redis,
+) -> None:
+    """A job an older gateway queued has no ``deadline`` field; its payload still says it."""
+    from tests.helpers import make_job
+
+    store = JobStore(redis, KEYS, ttl_s=60)
+    late, on_time = make_job(deadline_ms=1), make_job(deadline_ms=60_000)
+    for job in (late, on_time):
+        await store.enqueue(job)
+        await redis.hdel(KEYS.job("sim-model", job.id), "deadline")
+    await asyncio.sleep(0.05)
+    assert await _pull_one(store) == "skipped"
+    assert await store.job_state("sim-model", late.id) == "expired"
+    assert await _pull_one(store) == "job"
+    assert await store.job_state("sim-model", on_time.id) == "running"

@@ -100,6 +100,14 @@ local function claim(m, job, id, consumer, now, lease)
           redis.call('HGET', job, 'ntok')}
 end
 local function past_deadline(job, now)
-  local deadline = cjson.decode(redis.call('HGET', job, 'payload'))['deadline_at_ms']
-  return deadline ~= cjson.null and deadline ~= nil and tonumber(deadline) <= now
+  -- the deadline ENQUEUE recorded (0: none); a job queued by a gateway from before that field
+  -- has only its payload to say it, and decoding the payload costs Redis more the longer the
+  -- prompt (a PULL of a job with a 32,000-character prompt took 413 us instead of 178)
+  local deadline = redis.call('HGET', job, 'deadline')
+  if not deadline then
+    deadline = cjson.decode(redis.call('HGET', job, 'payload'))['deadline_at_ms']
+    if deadline == cjson.null or deadline == nil then return false end
+  end
+  deadline = tonumber(deadline)
+  return deadline > 0 and deadline <= now
 end
