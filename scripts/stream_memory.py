@@ -98,7 +98,10 @@ async def measure(n: int, redis_url: str, pad: int) -> None:
 async def relaying(http: httpx.AsyncClient) -> int:
     """The streams the gateway relays now (its ``open_streams`` gauge)."""
     text = (await http.get("/metrics")).text
-    line = next(x for x in text.splitlines() if x.startswith("slipstream_gateway_open_streams"))
+    lines = [x for x in text.splitlines() if x.startswith("slipstream_gateway_open_streams")]
+    if not lines:
+        raise RuntimeError("the gateway's /metrics has no slipstream_gateway_open_streams")
+    line = lines[0]
     return int(float(line.split()[-1]))
 
 

@@ -84,7 +84,7 @@ class JobStore:
             quantum=self.fair_share_tokens,
             affinity=self.affinity.enqueue_arg(job) if self.affinity else "{}",
             need=job.need_bits,  # features a worker must implement to take it (0: none)
-            deadline=job.deadline_at_ms or 0,
+            deadline="" if job.deadline_at_ms is None else job.deadline_at_ms,
         )
         for attempt in range(2):
             async with self.redis.pipeline(transaction=False) as pipe:

@@ -155,3 +155,18 @@ def test_a_missing_arm_is_named_in_the_report_and_the_headline(
     plan |= {"key_load": 0.85, "stream_counts": [], "churn_duration_s": 1.0}
     report = method_md({**results, "plan": plan, "machine": machine})
     assert "nginx round-robin: arm skipped: nginx not installed" in report
+
+
+@pytest.mark.parametrize("what", ["inline", "sse", "telemetry"])
+def test_in_process_micro_benchmarks_run(what: str) -> None:
+    """``bench.micro``'s in-process runs build gateway objects by hand: one broke once
+    when ``Dispatch`` began reading more of its job (caught by review, not by a test)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.micro", what],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "µs" in done.stdout

@@ -323,7 +323,7 @@ async def test_a_pull_judges_the_deadline_enqueue_recorded(redis: Redis) -> None
     store = JobStore(redis, KEYS, ttl_s=60)
     job = make_job()  # no deadline in its payload
     await store.enqueue(job)
-    assert await redis.hget(KEYS.job("sim-model", job.id), "deadline") == "0"
+    assert await redis.hget(KEYS.job("sim-model", job.id), "deadline") == ""
     await redis.hset(KEYS.job("sim-model", job.id), "deadline", now_ms() - 1000)
     assert await _pull_one(store) == "skipped"
     assert await store.job_state("sim-model", job.id) == "expired"

@@ -18,7 +18,7 @@ local tenant   = ARGV[7]  -- its tenant, as in key names
 local quantum  = tonumber(ARGV[8])  -- fair-share quantum in tokens (0: off)
 local affinity = ARGV[9]  -- JSON: ``fp`` block hashes joined by spaces, ``session``, ``aw`` longest affinity wait ms (0: none), ``sttl`` session ttl ms, ``dl`` deadline ms; or ``{}``
 local need     = ARGV[10] -- bit mask of the features a worker must implement to take it (shared.capabilities; 0: none)
-local deadline = ARGV[11] -- its deadline, ms by Redis's clock (0: none): PULL reads it, not the payload
+local deadline = ARGV[11] -- its deadline, ms by Redis's clock ('': none): PULL reads it, not the payload
 
 if redis.call('EXISTS', job) == 1 then
   -- a replay (the client retried after the reply was lost) or the same id again: the job is
