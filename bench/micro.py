@@ -160,11 +160,10 @@ async def inline() -> None:
     from gateway.multiplexer import Deadlines, Listener
     from gateway.openai_format import ChunkWriter
     from gateway.sse import SendGuard, StreamCut
-    from shared.models import EventBatch, Job, Priority
+    from shared.models import EventBatch
+    from tests.helpers import make_job
 
-    job = Job.model_construct(  # what the relay reads
-        id="j", model="m", priority=Priority.NORMAL, request_id="r", deadline_at_ms=None
-    )
+    job = make_job("m")
     dispatch = Dispatch(None, None, job, worker_wait_s=1, stall_timeout_s=60, worker_ttl_s=5)  # type: ignore[arg-type]
     dispatch.events.needs_log, dispatch.started = False, True
     listener = dispatch.events.listener = Listener("c", 8, Deadlines())

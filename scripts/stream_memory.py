@@ -101,8 +101,7 @@ async def relaying(http: httpx.AsyncClient) -> int:
     lines = [x for x in text.splitlines() if x.startswith("slipstream_gateway_open_streams")]
     if not lines:
         raise RuntimeError("the gateway's /metrics has no slipstream_gateway_open_streams")
-    line = lines[0]
-    return int(float(line.split()[-1]))
+    return int(float(lines[0].split()[-1]))
 
 
 async def open_streams(http: httpx.AsyncClient, n: int, timeout: float) -> int:
