@@ -205,9 +205,40 @@ class JobStore:
         made then instead of claiming a second job. ``caps`` is the bit mask of the features the
         worker's engine implements (``shared.capabilities``): a job needing more is left to a
         worker that has them."""
+        named = self.pull_args(
+            model,
+            consumer,
+            free_tokens=free_tokens,
+            free_seqs=free_seqs,
+            idle=idle,
+            lease_ms=lease_ms,
+            aging_ms=aging_ms,
+            max_deliveries=max_deliveries,
+            worker_ttl_ms=worker_ttl_ms,
+            pull_id=pull_id,
+            caps=caps,
+        )
+        return pull_result(await scripts.PULL.call(self.redis, **named))
+
+    def pull_args(
+        self,
+        model: str,
+        consumer: str,
+        *,
+        free_tokens: int,
+        free_seqs: int = 1,
+        idle: bool,
+        lease_ms: int,
+        aging_ms: dict[Priority, int],
+        max_deliveries: int,
+        worker_ttl_ms: int = 5000,
+        pull_id: str | None = None,
+        caps: int = 0,
+    ) -> dict[str, Any]:
+        """``PULL``'s keys and arguments (``pull``'s), for a caller that queues it on a
+        pipeline (``scripts.PULL.queue``) and reads the reply with ``pull_result``."""
         k = self.keys
-        reply = await scripts.PULL.call(
-            self.redis,
+        return dict(
             wake=k.wake(model),
             leases=k.leases(model),
             reserved=k.reserved(model),
@@ -233,7 +264,6 @@ class JobStore:
             pull_id=pull_id or uuid.uuid4().hex,
             caps=caps,
         )
-        return pull_result(reply)
 
     async def release(self, model: str, worker: str) -> int:
         """A worker leaves: its reservations end now, and it stops being a routing target."""

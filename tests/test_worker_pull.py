@@ -196,3 +196,68 @@ async def test_short_job_is_written_in_two_batches(redis: Redis, redis_url: str)
     assert kinds[0][:2] == ["started", "token"]
     assert kinds[-1][-1] == "done" and kinds[-1].count("token") >= 1
     assert sum(k.count("token") for k in kinds) == 8
+
+
+async def test_an_idle_worker_gets_a_job_from_the_pull_queued_behind_its_read(
+    redis: Redis, redis_url: str
+) -> None:
+    """While an idle worker waits, its next PULL waits behind the blocking read on the same
+    connection: a job queued then reaches it without a pull of its own."""
+    store = store_for(redis)
+    async with running_worker(worker_settings(redis_url, sim_ttft_ms=0.0)) as worker:
+        await asyncio.sleep(0.3)  # blocked in XREAD, a PULL queued behind it
+        plain_pulls: list[object] = []
+        pull = worker.store.pull
+
+        async def counted(*args: object, **kwargs: object) -> object:
+            plain_pulls.append(args)
+            return await pull(*args, **kwargs)  # type: ignore[arg-type]
+
+        worker.store.pull = counted  # type: ignore[method-assign]
+        jobs = [make_job(max_tokens=1) for _ in range(3)]
+        for job in jobs:  # one at a time: the worker is idle and waiting each time
+            await store.enqueue(job)
+            await wait_state(store, job, DONE)
+            await asyncio.sleep(0.05)
+        assert plain_pulls == []
+
+
+async def test_a_stopping_worker_hands_back_what_its_last_pull_claimed(
+    redis: Redis, redis_url: str
+) -> None:
+    """The answer to the PULL queued behind a read that the stop cancelled never comes; if
+    Redis ran it, the job it claimed goes back at once instead of waiting out its lease."""
+    from shared.redis import connect
+    from worker.engines import build_engine
+    from worker.service import Worker
+
+    store = store_for(redis)
+    settings = worker_settings(redis_url)
+    client = connect(settings.redis_url)
+    try:
+        worker = Worker(settings, client, build_engine(settings))
+        claimed, never_ran = make_job(), make_job()
+        await store.enqueue(claimed)
+        answer_lost = await store.pull(
+            "sim-model", worker.id, **{**worker._pull_args(), "pull_id": "lost"}
+        )
+        assert answer_lost.claimed is not None and answer_lost.claimed.job.id == claimed.id
+        await store.enqueue(never_ran)
+        worker._pull_id = "lost"
+        await worker._settle_last_pull()
+        state = await store.state("sim-model", claimed.id)
+        assert state["lease_until"] == "0" and state["handback"] == "1"  # up for takeover
+        assert (await store.state("sim-model", never_ran.id))["state"] == "queued"  # untouched
+
+        worker._pull_id = "never-ran"  # a PULL Redis never ran: nothing is claimed now
+        await worker._settle_last_pull()
+        assert (await store.state("sim-model", never_ran.id))["state"] == "queued"
+
+        answered = await store.pull("sim-model", worker.id, **worker._pull_args())
+        assert answered.claimed is not None  # the job handed back, taken over
+        worker._answered = answered  # answered, but the stop came before it was started
+        await worker._settle_last_pull()
+        state = await store.state("sim-model", answered.claimed.job.id)
+        assert state["handback"] == str(answered.claimed.fence) == "2"
+    finally:
+        await client.aclose()

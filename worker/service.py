@@ -6,14 +6,17 @@ import asyncio
 import os
 import socket
 import uuid
+from collections.abc import Awaitable
 from contextlib import suppress
 from typing import Any
 
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
+from shared import scripts
 from shared.aio import cancel_and_wait
 from shared.capabilities import to_bits
+from shared.job_records import PullResult, pull_result
 from shared.jobs import Claimed, JobStore, now_ms
 from shared.keys import Keys
 from shared.models import Priority, WorkerInfo
@@ -55,6 +58,7 @@ class Worker:
         self.stopping = asyncio.Event()
         self._stopper: asyncio.Task[bool] | None = None  # see ``_stop_waiter``
         self._pull_id: str | None = None  # the id of a pull not answered yet (``_pull_once``)
+        self._answered: PullResult | None = None  # the PULL sent with a wait (``_wait_for_work``)
         self.caps = to_bits(engine.capabilities)  # what PULL lets this worker take
         self.registry = Registry(redis, self.keys, self._info())
         self.advertiser = Advertiser(
@@ -97,6 +101,7 @@ class Worker:
         try:
             await self.metrics.start_server(self.settings.metrics_port, self.settings.metrics_host)
             await self._pull_loop()
+            await self._settle_last_pull()
             await self._drain()
         finally:
             await cancel_and_wait([*helpers, *([self._stopper] if self._stopper else [])])
@@ -132,6 +137,21 @@ class Worker:
                 handed = await self.store.handback(claimed)
                 log.info("job_handed_back", job_id=claimed.job.id, handed_back=handed)
 
+    async def _settle_last_pull(self) -> None:
+        """Hand back what the last PULL claimed and nothing here will run: its answer, or the
+        claim Redis made for a PULL whose answer never came (queued behind a read that the
+        stop cancelled, or lost with a connection). Asked again under the same id, with no
+        capacity to take anything new, PULL returns that claim if there was one. Without
+        this the job would wait out its lease."""
+        result, self._answered = self._answered, None
+        with suppress(RedisError, OSError):
+            if result is None and self._pull_id is not None:
+                named = {**self._pull_args(), "free_tokens": 0, "free_seqs": 0, "idle": False}
+                result = await self.store.pull(self.settings.model, self.id, **named)
+            if result is not None and result.claimed is not None:
+                handed = await self.store.handback(result.claimed)
+                log.info("job_handed_back", job_id=result.claimed.job.id, handed_back=handed)
+
     # --- pulling ------------------------------------------------------------------------
     async def _pull_loop(self) -> None:
         while not self.stopping.is_set():
@@ -144,27 +164,13 @@ class Worker:
     async def _pull_once(self) -> None:
         cap = self.capacity
         cap.arm()
-        if not cap.has_slot or not self.engine.healthy() or not self.engine.has_room():
-            await cap.wait_for_release(1.0)
-            return
-        # A pull whose answer never came (Redis failing over, past the client's own retries)
-        # may have claimed a job: the next pull repeats its id, so PULL hands that claim back
-        # instead of leaving the job to run out its lease unheard (``shared/lua/pull.lua``).
-        self._pull_id = self._pull_id or uuid.uuid4().hex
-        result = await self.store.pull(
-            self.settings.model,
-            self.id,
-            free_tokens=cap.free_tokens,
-            free_seqs=cap.seqs - cap.seqs_in_use,
-            idle=cap.idle,
-            lease_ms=int(self.settings.lease_s * 1000),
-            aging_ms=self.aging_ms,
-            max_deliveries=self.settings.max_deliveries,
-            worker_ttl_ms=int(self.settings.worker_ttl_s * 1000),
-            caps=self.caps,
-            pull_id=self._pull_id,
-        )
-        self._pull_id = None  # answered: the next pull is a new one
+        result, self._answered = self._answered, None
+        if result is None:  # no answer from the PULL sent with the last wait: pull now
+            if not self._has_room():
+                await cap.wait_for_release(1.0)
+                return
+            result = await self.store.pull(self.settings.model, self.id, **self._pull_args())
+            self._pull_id = None  # answered: the next pull is a new one
         if result.kind == "job" and result.claimed is not None:
             self.metrics.job_claimed(result.outcome, result.affinity_wait_ms)
             began = self._start(result.claimed)
@@ -184,11 +190,59 @@ class Worker:
                 block = max(1, min(block, result.next_lease_ms + 5))
             await self._wait_for_work(result.last_ids, block)
 
+    def _has_room(self) -> bool:
+        """May this worker take a job now (a free slot, a healthy engine with room)?"""
+        return self.capacity.has_slot and self.engine.healthy() and self.engine.has_room()
+
+    def _pull_args(self) -> dict[str, Any]:
+        """``PULL``'s arguments now. A pull whose answer never came (Redis failing over, past
+        the client's own retries) may have claimed a job: the next pull repeats its id, so
+        PULL hands that claim back instead of leaving the job to run out its lease unheard
+        (``shared/lua/pull.lua``)."""
+        cap = self.capacity
+        self._pull_id = self._pull_id or uuid.uuid4().hex
+        return dict(
+            free_tokens=cap.free_tokens,
+            free_seqs=cap.seqs - cap.seqs_in_use,
+            idle=cap.idle,
+            lease_ms=int(self.settings.lease_s * 1000),
+            aging_ms=self.aging_ms,
+            max_deliveries=self.settings.max_deliveries,
+            worker_ttl_ms=int(self.settings.worker_ttl_s * 1000),
+            caps=self.caps,
+            pull_id=self._pull_id,
+        )
+
+    async def _read_then_pull(self, streams: Any, block_ms: int) -> None:
+        """The blocking read with the next ``PULL`` queued behind it on one connection: Redis
+        runs the PULL as soon as the read returns, before this process has even woken, and
+        both answers come back together (a job queued for an idle worker costs one round trip
+        to reach it, not two). Only for a worker with room for a job: the PULL declares the
+        tokens and slots it has free as it starts to wait, and only its own claims use them up
+        (the jobs it runs meanwhile may only free more; the llama engine reserves a job's
+        cells when it admits it). What an engine cannot promise, a busy upstream's room, may
+        change while it waits, as between any check and claim. Its answer is
+        ``_pull_once``'s next."""
+        named = self.store.pull_args(self.settings.model, self.id, **self._pull_args())
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xread(streams, count=1, block=block_ms)
+            scripts.PULL.queue(pipe, **named)
+            _, reply = await pipe.execute(raise_on_error=False)
+        if isinstance(reply, NoScriptError):
+            await scripts.PULL.load(self.redis)  # the next pull, a plain one, runs it
+        elif not isinstance(reply, Exception):
+            self._answered = pull_result(reply)
+            self._pull_id = None
+
     async def _wait_for_work(self, last_ids: tuple[str, ...], block_ms: int) -> None:
         """Block (no polling) until a job is queued or handed back, or ``block_ms`` passes."""
         names = [*self.keys.queues(self.settings.model), self.keys.wake(self.settings.model)]
         streams: Any = dict(zip(names, last_ids, strict=True))
-        read = self.redis.xread(streams, count=1, block=block_ms)
+        read: Awaitable[Any]
+        if self._has_room():  # the PULL queued behind the read may claim a job
+            read = self._read_then_pull(streams, block_ms)
+        else:
+            read = self.redis.xread(streams, count=1, block=block_ms)
         waiter: asyncio.Future[Any] = asyncio.ensure_future(read)
         done, _ = await asyncio.wait(
             {waiter, self._stop_waiter()}, return_when=asyncio.FIRST_COMPLETED
