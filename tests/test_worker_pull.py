@@ -261,3 +261,39 @@ async def test_a_stopping_worker_hands_back_what_its_last_pull_claimed(
         assert state["handback"] == str(answered.claimed.fence) == "2"
     finally:
         await client.aclose()
+
+
+async def test_a_full_answer_to_the_queued_pull_is_asked_again_with_todays_capacity(
+    redis: Redis, redis_url: str
+) -> None:
+    """The queued PULL declares the capacity the wait began with; a job that ended since
+    freed more. A ``full`` answer is asked again at once instead of sleeping a second."""
+    store = store_for(redis)
+    settings = worker_settings(redis_url, capacity_tokens=100, max_seqs=8, sim_tokens_per_s=200.0)
+    async with running_worker(settings):
+        first = make_job(max_tokens=60)  # ~0.3 s; the wait after it declares ~40 tokens free
+        await store.enqueue(first)
+        await wait_state(store, first, DONE)
+        await asyncio.sleep(0.1)
+        second = make_job(max_tokens=60)  # does not fit the ~40, fits the 100 free now
+        await store.enqueue(second)
+        await wait_state(store, second, {"running", "completed"})
+        assert await started_at_ms(store, second) - second.enqueued_at_ms < 500
+
+
+async def test_a_job_the_queued_pull_claimed_for_an_engine_gone_unhealthy_is_handed_back(
+    redis: Redis, redis_url: str
+) -> None:
+    store = store_for(redis)
+    async with running_worker(worker_settings(redis_url, heartbeat_s=0.05)) as worker:
+        await asyncio.sleep(0.3)  # blocked in XREAD, a PULL queued behind it
+        worker.engine.healthy = lambda: False  # type: ignore[method-assign]
+        job = make_job(max_tokens=2)
+        await store.enqueue(job)
+        for _ in range(200):
+            if (await store.state(job.model, job.id)).get("handback") == "1":
+                break
+            await asyncio.sleep(0.01)
+        assert (await store.state(job.model, job.id)).get("handback") == "1"
+        del worker.engine.healthy  # healthy again: it is taken over and served, not lost
+        await wait_state(store, job, DONE, timeout=10)

@@ -164,8 +164,8 @@ class Worker:
     async def _pull_once(self) -> None:
         cap = self.capacity
         cap.arm()
-        result, self._answered = self._answered, None
-        if result is None:  # no answer from the PULL sent with the last wait: pull now
+        result = await self._answer_of_wait()
+        if result is None:  # no (usable) answer from the PULL sent with the last wait
             if not self._has_room():
                 await cap.wait_for_release(1.0)
                 return
@@ -189,6 +189,20 @@ class Worker:
             if result.next_lease_ms >= 0:  # wake when the next lease could expire
                 block = max(1, min(block, result.next_lease_ms + 5))
             await self._wait_for_work(result.last_ids, block)
+
+    async def _answer_of_wait(self) -> PullResult | None:
+        """The answer of the PULL queued behind the last wait's read, if it can be used now.
+        Not a ``full``: it was reckoned with the capacity the wait began with, and jobs may
+        have ended since (pull again now). Not a job when the engine stopped being able to
+        take one meanwhile (unhealthy, a busy upstream): that claim is handed back."""
+        result, self._answered = self._answered, None
+        if result is None or result.kind == "full":
+            return None
+        if result.claimed is not None and not self._has_room():
+            handed = await self.store.handback(result.claimed)
+            log.info("job_handed_back", job_id=result.claimed.job.id, handed_back=handed)
+            return None
+        return result
 
     def _has_room(self) -> bool:
         """May this worker take a job now (a free slot, a healthy engine with room)?"""
