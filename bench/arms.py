@@ -38,7 +38,7 @@ LABELS = {
     "oracle-warm": "oracle (knows every cache)",
     "haproxy": "haproxy leastconn+maxconn",
     "slipstream": "Slipstream",
-    "slipstream-before": "Slipstream, gateway before (BENCH_BASELINE_TREE)",
+    "slipstream-before": "Slipstream before (BENCH_BASELINE_TREE)",
     "oracle": "oracle (ideal queue)",
 }
 QUIET = {"SLIPSTREAM_LOG_LEVEL": "warning", "SLIPSTREAM_LOG_FORMAT": "json"}

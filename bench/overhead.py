@@ -46,12 +46,13 @@ BASELINE = "slipstream-before"
 
 
 def _baseline_arm(tree: str, workdir: Path, cpus: frozenset[int] | None) -> Any:
-    """``BENCH_BASELINE_TREE=<a checkout>``: one more Slipstream arm whose gateway runs that
-    tree's code (``PYTHONPATH``), beside this tree's, in the same run and interleaved with it:
-    a before/after of the gateway, same machine, same minutes. Workers run this tree."""
+    """``BENCH_BASELINE_TREE=<a checkout>``: one more Slipstream arm whose gateway and worker
+    run that tree's code (``PYTHONPATH``), beside this tree's, in the same run and interleaved
+    with it: a before/after, same machine, same minutes."""
     arm = make_arm("slipstream", [INSTANT], workdir / "overhead-before", cpus=cpus)
     assert isinstance(arm, SlipstreamArm)
     arm.gateway_env = {"PYTHONPATH": tree}
+    arm.worker_env = {"PYTHONPATH": tree}
     arm.name = BASELINE
     return arm
 

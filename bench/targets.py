@@ -39,8 +39,8 @@ def overhead_rows(results: dict[str, Any]) -> list[Row]:
         elif why := _skipped(results, "nginx-rr"):
             measured += f" (nginx: {why})"
         before = arms.get("slipstream-before", {}).get(f"added_{q}_ms")
-        if before is not None:  # BENCH_BASELINE_TREE: the gateway before, in the same run
-            measured += f"; gateway before: {before:.2f} ms"
+        if before is not None:  # BENCH_BASELINE_TREE: the code before, in the same run
+            measured += f"; before: {before:.2f} ms"
         ok = None if value is None else value <= target
         rows.append((f"Added TTFT {q} over direct", f"≤ {target} ms", measured, _verdict(ok)))
     relay = _get(results, "overhead", "relay", "slipstream")
