@@ -4,9 +4,9 @@ to emit, an entry of a job's event log."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
-from shared.models import EventBatch, Job, JobState
+from shared.models import EventBatch, Job, JobState, Priority
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +17,23 @@ class Claimed:
     fence: int
     seq: int
     tokens_done: int
+
+
+class _PullNeeds(TypedDict):
+    free_tokens: int  # tokens the worker has free
+    idle: bool  # it runs nothing (then it takes a job larger than ``free_tokens``)
+    lease_ms: int  # how long a claim's lease lasts
+    aging_ms: dict[Priority, int]  # per queue: after how long its head ranks first
+    max_deliveries: int  # deliveries after which a job is poison
+
+
+class PullOptions(_PullNeeds, total=False):
+    """What a worker declares to ``PULL`` (``JobStore.pull``'s keywords)."""
+
+    free_seqs: int  # sequence slots free (1)
+    worker_ttl_ms: int  # how long its hash lives without a pull or heartbeat (5000)
+    pull_id: str | None  # this call's id, the same when it is asked again (a fresh one)
+    caps: int  # bit mask of the features its engine implements (0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,14 +6,14 @@ import json
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Unpack
 
 import structlog
 from redis.exceptions import NoScriptError, RedisError
 
 from shared import scripts
 from shared.affinity import AffinityPolicy
-from shared.job_records import Claimed, Emit, LogEntry, PullResult, pull_result
+from shared.job_records import Claimed, Emit, LogEntry, PullOptions, PullResult, pull_result
 from shared.keys import CONSUMER_GROUP, Keys
 from shared.models import EventBatch, Job, JobState, Priority
 from shared.redis import RedisClient
@@ -185,58 +185,21 @@ class JobStore:
         return _log_entries(await self.redis.xrange(key, _log_start(after), "+", count=count))
 
     # --- worker side --------------------------------------------------------------------
-    async def pull(
-        self,
-        model: str,
-        consumer: str,
-        *,
-        free_tokens: int,
-        free_seqs: int = 1,
-        idle: bool,
-        lease_ms: int,
-        aging_ms: dict[Priority, int],
-        max_deliveries: int,
-        worker_ttl_ms: int = 5000,
-        pull_id: str | None = None,
-        caps: int = 0,
-    ) -> PullResult:
-        """Claim one job that fits, or say why not. ``pull_id`` names this call (a fresh one
-        by default): when redis-py replays it after a lost reply, ``PULL`` returns the claim it
-        made then instead of claiming a second job. ``caps`` is the bit mask of the features the
-        worker's engine implements (``shared.capabilities``): a job needing more is left to a
-        worker that has them."""
-        named = self.pull_args(
-            model,
-            consumer,
-            free_tokens=free_tokens,
-            free_seqs=free_seqs,
-            idle=idle,
-            lease_ms=lease_ms,
-            aging_ms=aging_ms,
-            max_deliveries=max_deliveries,
-            worker_ttl_ms=worker_ttl_ms,
-            pull_id=pull_id,
-            caps=caps,
-        )
+    async def pull(self, model: str, consumer: str, **options: Unpack[PullOptions]) -> PullResult:
+        """Claim one job that fits, or say why not (``PullOptions`` says what the worker
+        declares). ``pull_id`` names this call (a fresh one by default): when redis-py replays
+        it after a lost reply, ``PULL`` returns the claim it made then instead of claiming a
+        second job. ``caps`` is the bit mask of the features the worker's engine implements
+        (``shared.capabilities``): a job needing more is left to a worker that has them."""
+        named = self.pull_args(model, consumer, **options)
         return pull_result(await scripts.PULL.call(self.redis, **named))
 
     def pull_args(
-        self,
-        model: str,
-        consumer: str,
-        *,
-        free_tokens: int,
-        free_seqs: int = 1,
-        idle: bool,
-        lease_ms: int,
-        aging_ms: dict[Priority, int],
-        max_deliveries: int,
-        worker_ttl_ms: int = 5000,
-        pull_id: str | None = None,
-        caps: int = 0,
+        self, model: str, consumer: str, **options: Unpack[PullOptions]
     ) -> dict[str, Any]:
         """``PULL``'s keys and arguments (``pull``'s), for a caller that queues it on a
         pipeline (``scripts.PULL.queue``) and reads the reply with ``pull_result``."""
+        o = options
         k = self.keys
         return dict(
             wake=k.wake(model),
@@ -252,17 +215,17 @@ class JobStore:
             queues=k.queues(model),
             group=CONSUMER_GROUP,
             consumer=consumer,
-            free=free_tokens,
-            seqs=free_seqs,
-            idle=1 if idle else 0,
+            free=o["free_tokens"],
+            seqs=o.get("free_seqs", 1),
+            idle=1 if o["idle"] else 0,
             prefix=k.model_prefix(model),
-            lease=lease_ms,
+            lease=o["lease_ms"],
             ttl=self.ttl_ms,
-            max_deliveries=max_deliveries,
-            aging=json.dumps([aging_ms.get(p, 0) for p in Priority.ordered()]),
-            worker_ttl=worker_ttl_ms,
-            pull_id=pull_id or uuid.uuid4().hex,
-            caps=caps,
+            max_deliveries=o["max_deliveries"],
+            aging=json.dumps([o["aging_ms"].get(p, 0) for p in Priority.ordered()]),
+            worker_ttl=o.get("worker_ttl_ms", 5000),
+            pull_id=o.get("pull_id") or uuid.uuid4().hex,
+            caps=o.get("caps", 0),
         )
 
     async def release(self, model: str, worker: str) -> int:

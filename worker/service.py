@@ -16,7 +16,7 @@ from redis.exceptions import NoScriptError, RedisError
 from shared import scripts
 from shared.aio import cancel_and_wait
 from shared.capabilities import to_bits
-from shared.job_records import PullResult, pull_result
+from shared.job_records import PullOptions, PullResult, pull_result
 from shared.jobs import Claimed, JobStore, now_ms
 from shared.keys import Keys
 from shared.models import Priority, WorkerInfo
@@ -146,8 +146,9 @@ class Worker:
         result, self._answered = self._answered, None
         with suppress(RedisError, OSError):
             if result is None and self._pull_id is not None:
-                named = {**self._pull_args(), "free_tokens": 0, "free_seqs": 0, "idle": False}
-                result = await self.store.pull(self.settings.model, self.id, **named)
+                options = self._pull_args()
+                options["free_tokens"], options["free_seqs"], options["idle"] = 0, 0, False
+                result = await self.store.pull(self.settings.model, self.id, **options)
             if result is not None and result.claimed is not None:
                 handed = await self.store.handback(result.claimed)
                 log.info("job_handed_back", job_id=result.claimed.job.id, handed_back=handed)
@@ -208,14 +209,14 @@ class Worker:
         """May this worker take a job now (a free slot, a healthy engine with room)?"""
         return self.capacity.has_slot and self.engine.healthy() and self.engine.has_room()
 
-    def _pull_args(self) -> dict[str, Any]:
+    def _pull_args(self) -> PullOptions:
         """``PULL``'s arguments now. A pull whose answer never came (Redis failing over, past
         the client's own retries) may have claimed a job: the next pull repeats its id, so
         PULL hands that claim back instead of leaving the job to run out its lease unheard
         (``shared/lua/pull.lua``)."""
         cap = self.capacity
         self._pull_id = self._pull_id or uuid.uuid4().hex
-        return dict(
+        return PullOptions(
             free_tokens=cap.free_tokens,
             free_seqs=cap.seqs - cap.seqs_in_use,
             idle=cap.idle,
