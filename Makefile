@@ -16,10 +16,10 @@ help:
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || bash scripts/install-system-deps.sh
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/llama-cmake-args.sh
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,llama]'
+	CMAKE_ARGS="$$(bash scripts/llama-cmake-args.sh)" $(BIN)/pip install --quiet -e '.[dev,llama]'
 	@touch $(STAMP)
 
 deps: system-deps $(STAMP)
