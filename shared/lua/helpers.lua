@@ -57,12 +57,12 @@ local function unqueue(m, job)
   -- the job leaves state 'queued': take its cost off the model's backlog and, when it was in
   -- the shared queue, off its tenant's share there (which may let a deferred job in)
   unreserve(m, job)
-  local prio, cost = redis.call('HGET', job, 'prio'), redis.call('HGET', job, 'cost')
+  local f = redis.call('HMGET', job, 'prio', 'cost', 'tenant', 'inmain')
+  local prio, cost, tenant = f[1], f[2], f[3]
   if prio and cost then
     redis.call('HINCRBY', m.backlog, prio .. ':tokens', -tonumber(cost))
     redis.call('HINCRBY', m.backlog, prio .. ':jobs', -1)
-    local tenant = redis.call('HGET', job, 'tenant')
-    if tenant and redis.call('HGET', job, 'inmain') == '1' then
+    if tenant and f[4] == '1' then
       redis.call('HSET', job, 'inmain', 0)
       redis.call('HINCRBY', m.prefix .. K.share .. prio, tenant, -tonumber(cost))
       promote(m, prio, tenant)
@@ -96,8 +96,8 @@ local function claim(m, job, id, consumer, now, lease)
   redis.call('HINCRBY', job, 'deliveries', 1)
   redis.call('HSET', job, 'state', 'running', 'owner', consumer, 'lease_until', now + lease)
   redis.call('ZADD', m.leases, now + lease, id)
-  return {'job', id, redis.call('HGET', job, 'payload'), fence, redis.call('HGET', job, 'seq'),
-          redis.call('HGET', job, 'ntok')}
+  local f = redis.call('HMGET', job, 'payload', 'seq', 'ntok')
+  return {'job', id, f[1], fence, f[2], f[3]}
 end
 local function past_deadline(job, now)
   -- the deadline ENQUEUE recorded ('': none); a job queued by a gateway from before that field

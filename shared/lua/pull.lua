@@ -342,7 +342,6 @@ if kind == 'queue' then
   if best[8] > 0 or (session and redis.call('GET', prefix .. K.session .. session) == consumer) then
     outcome = 'warm'
   end
-  redis.call('HSET', job, 'aff_target', outcome == 'warm' and consumer or '')
 else
   redis.call('XCLAIM', q, group, consumer, 0, entry, 'JUSTID')
   local r = redis.call('HMGET', job, 'rsv_at', 'rsv_until')
@@ -358,7 +357,11 @@ end
 if session then
   redis.call('SET', prefix .. K.session .. session, consumer, 'PX', math.max(1000, tonumber(sf[2] or '0')))
 end
-redis.call('HSET', job, 'aff', outcome, 'aff_wait', waited, 'aff_picked', picked)
+local aff = {'aff', outcome, 'aff_wait', waited, 'aff_picked', picked}
+if kind == 'queue' then  -- a reservation's target stays as the reservation set it
+  aff[7], aff[8] = 'aff_target', outcome == 'warm' and consumer or ''
+end
+redis.call('HSET', job, unpack(aff))
 redis.call('HINCRBY', me, 'free', -best[7])
 redis.call('HINCRBY', me, 'seqs', -1)
 local out = claim(m, job, id, consumer, now, lease)
