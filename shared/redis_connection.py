@@ -12,6 +12,12 @@ does not read stay in the buffer, the next command takes redis-py's path (its ``
 under ``wait_for``), and the reply's read has its own timeout. A failed write disconnects and
 raises ``ConnectionError``, as redis-py's does, so the retry policy applies unchanged.
 
+The same classes pack commands with hiredis's C packer (``hiredis.pack_command``) where it
+takes the arguments, str, bytes, int and float, which is every command Slipstream sends:
+redis-py's asyncio connection packs in Python, ~12 µs for an ``ENQUEUE`` against ~2 µs.
+The bytes are the same (``tests/test_redis_connection.py``); anything else (a bool, which
+redis-py refuses, a memoryview, a command name of several words) takes redis-py's packer.
+
 The same classes also bound the handshake of a new connection (``on_connect``).
 """
 
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from typing import Any
 
 from redis.asyncio.connection import (
     AbstractConnection,
@@ -28,6 +35,11 @@ from redis.asyncio.connection import (
 )
 from redis.asyncio.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
+
+try:
+    from hiredis import pack_command as _c_pack
+except ImportError:  # hiredis is a dependency (redis[hiredis]); without it, redis-py packs
+    _c_pack = None
 
 
 class _WriteNow(AbstractConnection):
@@ -39,6 +51,22 @@ class _WriteNow(AbstractConnection):
         ever. A connection made a moment ago is as healthy as a PING would show."""
         self.next_health_check = asyncio.get_running_loop().time() + self.health_check_interval
         await super().on_connect()
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        name, encoder = args[0] if args else None, self.encoder
+        if (
+            _c_pack is not None
+            and type(name) is str
+            and " " not in name
+            and encoder.encoding == "utf-8"  # hiredis's (a URL's ?encoding= may say otherwise)
+            and encoder.encoding_errors == "strict"
+        ):
+            try:
+                return [_c_pack(args)]
+            except TypeError:  # not str, bytes, int or float: redis-py's rules and errors
+                pass
+        packed: list[bytes] = super().pack_command(*args)
+        return packed
 
     async def send_packed_command(
         self, command: bytes | str | Iterable[bytes], check_health: bool = True

@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from redis.exceptions import RedisClusterException
+from redis.asyncio.connection import Connection
+from redis.exceptions import DataError, RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.redis import connect
@@ -99,3 +100,23 @@ async def test_every_url_kind_builds_its_client(url: str, expected: type) -> Non
             assert client.connection_pool.connection_class is expected
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("EVALSHA", "ab" * 20, 2, "slip:{m}:job:1", "slip:{m}:queue:normal", '{"prompt":"é☃"}', 0),
+        ("SET", "k", 1.5, "PX", 10**30, b"\x00\xff", ""),
+        ("SET", "k", float("inf"), -0.0, 1e100),
+        ("CONFIG GET", "maxmemory"),  # a name of two words: redis-py splits it
+    ],
+)
+def test_commands_are_packed_as_redis_py_packs_them(args: tuple[object, ...]) -> None:
+    """hiredis's C packer where it takes the arguments; the same bytes as redis-py's."""
+    ours, theirs = WriteNowConnection(), Connection()
+    assert b"".join(ours.pack_command(*args)) == b"".join(theirs.pack_command(*args))
+
+
+def test_an_argument_redis_py_refuses_is_refused_as_it_does() -> None:
+    with pytest.raises(DataError, match="bool"):
+        WriteNowConnection().pack_command("SET", "k", True)
