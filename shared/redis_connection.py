@@ -27,6 +27,7 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any
 
+from hiredis import pack_command as _c_pack  # a dependency: redis[hiredis]
 from redis.asyncio.connection import (
     AbstractConnection,
     Connection,
@@ -35,11 +36,6 @@ from redis.asyncio.connection import (
 )
 from redis.asyncio.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-
-try:
-    from hiredis import pack_command as _c_pack
-except ImportError:  # hiredis is a dependency (redis[hiredis]); without it, redis-py packs
-    _c_pack = None
 
 
 class _WriteNow(AbstractConnection):
@@ -55,8 +51,7 @@ class _WriteNow(AbstractConnection):
     def pack_command(self, *args: Any) -> list[bytes]:
         name, encoder = args[0] if args else None, self.encoder
         if (
-            _c_pack is not None
-            and type(name) is str
+            type(name) is str
             and " " not in name
             and encoder.encoding == "utf-8"  # hiredis's (a URL's ?encoding= may say otherwise)
             and encoder.encoding_errors == "strict"

@@ -5,6 +5,7 @@ connection's handshake times out against a server that never answers."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from redis.asyncio.connection import Connection
@@ -111,7 +112,7 @@ async def test_every_url_kind_builds_its_client(url: str, expected: type) -> Non
         ("CONFIG GET", "maxmemory"),  # a name of two words: redis-py splits it
     ],
 )
-def test_commands_are_packed_as_redis_py_packs_them(args: tuple[object, ...]) -> None:
+def test_commands_are_packed_as_redis_py_packs_them(args: tuple[Any, ...]) -> None:
     """hiredis's C packer where it takes the arguments; the same bytes as redis-py's."""
     ours, theirs = WriteNowConnection(), Connection()
     assert b"".join(ours.pack_command(*args)) == b"".join(theirs.pack_command(*args))
