@@ -44,7 +44,10 @@ async def pending_entries(cluster: Cluster) -> int:
     try:
         total = 0
         for p in Priority.ordered():
-            info = await redis.xpending(Keys().queue("sim-model", p), "workers")
+            queue = Keys().queue("sim-model", p)
+            if not await redis.exists(queue):  # a priority nothing was queued at
+                continue
+            info = await redis.xpending(queue, "workers")
             total += int(info["pending"])
         return total
     finally:
