@@ -16,10 +16,11 @@ help:
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || bash scripts/install-system-deps.sh
 
-$(STAMP): pyproject.toml scripts/llama-cmake-args.sh
+$(STAMP): pyproject.toml scripts/llama-cmake-args.sh scripts/llama-no-amx.sh
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	CMAKE_ARGS="$$(bash scripts/llama-cmake-args.sh)" $(BIN)/pip install --quiet -e '.[dev,llama]'
+	bash scripts/llama-no-amx.sh $(BIN)
 	@touch $(STAMP)
 
 deps: system-deps $(STAMP)
