@@ -110,6 +110,7 @@ async def test_every_url_kind_builds_its_client(url: str, expected: type) -> Non
         ("SET", "k", 1.5, "PX", 10**30, b"\x00\xff", ""),
         ("SET", "k", float("inf"), -0.0, 1e100),
         ("CONFIG GET", "maxmemory"),  # a name of two words: redis-py splits it
+        ("CONFIG\tGET", "maxmemory"),  # ... on any whitespace
     ],
 )
 def test_commands_are_packed_as_redis_py_packs_them(args: tuple[Any, ...]) -> None:
