@@ -50,6 +50,8 @@ async def read_json(request: Request, limit: int) -> Any:
         _reject_nul(data, "")
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc.msg} at {exc.pos}") from None
+    except ValueError as exc:  # an integer past Python's limit on digits (4,300)
+        raise InvalidRequest(f"request body has a number that is too long: {exc}") from None
     except RecursionError:  # ``[`` x 100,000: the parser or the walker ran out of stack
         raise InvalidRequest("request body is nested too deeply") from None
     return data

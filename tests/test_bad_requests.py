@@ -267,6 +267,9 @@ DEEP_BODIES = {
     + nested(900)
     + b"}",
     "in messages": b'{"model":"sim-model","messages":' + nested(900) + b"}",
+    # not nested, but refused by the parser in its own way too: an integer past Python's limit
+    # of 4,300 digits raises a plain ValueError, not a JSONDecodeError
+    "a number of 5,000 digits": b'{"model":"sim-model","max_tokens":' + b"9" * 5000 + b"}",
 }
 
 
