@@ -8,6 +8,8 @@ larger than the piece.
     .venv/bin/python -m bench.micro redis       # a GET: redis-py's send, ours (write now)
     .venv/bin/python -m bench.micro inline      # one token relayed inline (no socket), parts
     .venv/bin/python -m bench.micro wake        # a uvloop reader woken 350, 1000, 3000 times/s
+    .venv/bin/python -m bench.micro enqueue     # an ENQUEUE's client CPU: redis-py's packer, ours
+    .venv/bin/python -m bench.micro scripts     # Redis's own µs per ENQUEUE, PULL, EMIT (SLOWLOG)
 
 ``PYTHONPATH=<another checkout>`` measures that tree's code (before/after). Each prints CPU µs
 per operation (``time.process_time``), three rounds. ``redis`` starts its own redis-server on
@@ -17,11 +19,12 @@ the same CPU as this process (as in the overhead experiment, where they share on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import uvloop
@@ -125,31 +128,109 @@ async def telemetry() -> None:
         print(f"request through FastAPI: {row} µs")
 
 
-async def redis() -> None:
-    from redis.asyncio.connection import Connection
-
-    from shared.redis import connect
-
+@contextlib.contextmanager
+def _redis_server() -> Iterator[str]:
+    """A redis-server of its own for one micro-benchmark; yields its URL."""
     port = 6300 + os.getpid() % 1000
     server = subprocess.Popen(
         ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
     )
     try:
-        await asyncio.sleep(0.5)
+        time.sleep(0.5)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+async def redis() -> None:
+    from redis.asyncio.connection import Connection
+
+    from shared.redis import connect
+
+    with _redis_server() as url:
         for _ in range(ROUNDS):
             row = {}
             for name in ("redis-py", "write now"):
-                client = connect(f"redis://127.0.0.1:{port}/0")  # write now (the product's)
+                client = connect(url)  # write now (the product's)
                 if name == "redis-py":
                     client.connection_pool.connection_class = Connection
                 await client.set("k", "v")
                 row[name] = await _acpu_us(lambda client=client: client.get("k"))
                 await client.aclose()
             print(f"GET round trip, client CPU: {row} µs")
-    finally:
-        server.terminate()
-        server.wait(10)
+
+
+async def enqueue() -> None:
+    """One ``ENQUEUE`` (the job-index ``SET`` and the script, one pipeline), client CPU, with
+    redis-py's Python packer and with the product's (hiredis's)."""
+    from redis.asyncio.connection import AbstractConnection
+
+    from shared.jobs import JobStore
+    from shared.keys import Keys
+    from shared.redis import connect
+    from shared.redis_connection import WriteNowConnection
+    from tests.helpers import make_job
+
+    class PythonPacked(WriteNowConnection):
+        pack_command = AbstractConnection.pack_command
+
+    with _redis_server() as url:
+        for _ in range(ROUNDS):
+            row = {}
+            for name, cls in (("redis-py packer", PythonPacked), ("hiredis", WriteNowConnection)):
+                client = connect(url)
+                client.connection_pool.connection_class = cls
+                store = JobStore(client, Keys(), ttl_s=600)
+                jobs = iter([make_job() for _ in range(2_000)])
+                row[name] = await _acpu_us(lambda s=store, j=jobs: s.enqueue(next(j)), 2_000)
+                await client.aclose()
+            print(f"ENQUEUE, client CPU: {row} µs")
+
+
+async def scripts() -> None:
+    """Redis's own time per ``ENQUEUE``, ``PULL`` and ``EMIT`` (its ``SLOWLOG``, every call
+    logged) over 1,000 jobs queued, pulled and finished one at a time, after 100 unlogged."""
+    import statistics
+    import uuid
+
+    from shared import scripts as lua
+    from shared.jobs import JobStore
+    from shared.keys import Keys
+    from shared.models import DoneEvent, EventBatch, JobState, Usage
+    from shared.redis import connect
+    from tests.helpers import make_job
+
+    names = {s.sha: n for n, s in vars(lua).items() if isinstance(getattr(s, "sha", None), str)}
+    with _redis_server() as url:
+        client = connect(url)
+        store = JobStore(client, Keys(), ttl_s=600)
+        for i in range(1_100):
+            if i == 100:
+                await client.config_set("slowlog-log-slower-than", 0)
+                await client.config_set("slowlog-max-len", 100_000)
+                await client.slowlog_reset()
+            await store.enqueue(make_job())
+            got = await store.pull(
+                "sim-model", "w1", free_tokens=100_000, idle=True, lease_ms=30_000,
+                aging_ms={}, max_deliveries=5, pull_id=uuid.uuid4().hex,
+            )  # fmt: skip
+            c = got.claimed
+            assert c is not None, got
+            usage = Usage(prompt_tokens=1, completion_tokens=0)
+            end = DoneEvent(s=c.seq + 1, finish_reason="stop", usage=usage)
+            batch = EventBatch(f=c.fence, events=[end])
+            await store.emit(c, batch, new_tokens=0, terminal=JobState.COMPLETED)
+        times: dict[str, list[int]] = {}
+        for entry in await client.slowlog_get(100_000):
+            raw = entry["command"]
+            command = (raw.decode() if isinstance(raw, bytes) else str(raw)).split()
+            if command[0].upper() == "EVALSHA" and command[1] in names:
+                times.setdefault(names[command[1]], []).append(int(entry["duration"]))
+        await client.aclose()
+    row = {name: statistics.median(us) for name, us in sorted(times.items())}
+    print(f"Redis µs per call, median of {len(times.get('PULL', []))}: {row}")
 
 
 async def inline() -> None:
@@ -244,7 +325,14 @@ async def _read_all(sock: Any) -> int:
 
 def main() -> None:
     what = sys.argv[1] if len(sys.argv) > 1 else ""
-    runs = {"sse": sse, "telemetry": telemetry, "redis": redis, "inline": inline}
+    runs = {
+        "sse": sse,
+        "telemetry": telemetry,
+        "redis": redis,
+        "inline": inline,
+        "enqueue": enqueue,
+        "scripts": scripts,
+    }
     if what == "logs":
         logs()
     elif what == "wake":

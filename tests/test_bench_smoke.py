@@ -157,7 +157,7 @@ def test_a_missing_arm_is_named_in_the_report_and_the_headline(
     assert "nginx round-robin: arm skipped: nginx not installed" in report
 
 
-@pytest.mark.parametrize("what", ["inline", "sse", "telemetry"])
+@pytest.mark.parametrize("what", ["inline", "sse", "telemetry", "enqueue", "scripts"])
 def test_in_process_micro_benchmarks_run(what: str) -> None:
     """``bench.micro``'s in-process runs build gateway objects by hand: one broke once
     when ``Dispatch`` began reading more of its job (caught by review, not by a test)."""
