@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -130,18 +129,15 @@ async def telemetry() -> None:
 
 @contextlib.contextmanager
 def _redis_server() -> Iterator[str]:
-    """A redis-server of its own for one micro-benchmark; yields its URL."""
-    port = 6300 + os.getpid() % 1000
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
+    """A redis-server of its own for one micro-benchmark (the tests' ``start_redis``: a free
+    port, ready when it answers); yields its URL."""
+    from tests.helpers import start_redis
+
+    server = start_redis()
     try:
-        time.sleep(0.5)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield server.url
     finally:
-        server.terminate()
-        server.wait(10)
+        server.stop()
 
 
 async def redis() -> None:
