@@ -14,11 +14,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar, overload
 
-from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -26,6 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.redis_cluster import SlipstreamCluster
 from shared.redis_connection import write_now
+from shared.redis_pool import ReadyPool, ReadySentinelPool
 from shared.settings import ClusterUrl, SentinelUrl, parse_cluster_url, parse_sentinel_url
 
 RedisClient: TypeAlias = Redis | RedisCluster
@@ -70,18 +71,6 @@ class _Refused(Exception):
     def __init__(self, error: AuthenticationError) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
-    """redis-py's Sentinel pool (each new connection asks the sentinels for the master, and
-    idle connections to a replaced master are dropped) that waits for a free connection
-    like ours instead of failing with "Too many connections"."""
-
-    async def disconnect(self, inuse_connections: bool = True) -> None:
-        await super().disconnect(inuse_connections)
-        if inuse_connections:  # the client closes (a new master drops only idle ones)
-            for sentinel in self.sentinel_manager.sentinels:
-                await sentinel.aclose()
 
 
 @overload
@@ -146,7 +135,7 @@ def connect(
     nodes = parse_cluster_url(url)
     if nodes is not None:
         return _cluster(nodes, options)
-    pool = BlockingConnectionPool.from_url(url, **options)
+    pool = ReadyPool.from_url(url, **options)  # shared/redis_pool.py
     pool.connection_class = write_now(pool.connection_class)  # shared/redis_connection.py
     return redis_class.from_pool(pool)  # aclose() closes the pool too
 
@@ -169,7 +158,7 @@ def _sentinel_master(
     client: Redis = sentinel.master_for(
         target.service,
         redis_class=redis_class,
-        connection_pool_class=_BlockingSentinelPool,
+        connection_pool_class=ReadySentinelPool,
         db=target.db,
         username=target.username,
         password=target.password,
