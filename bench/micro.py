@@ -5,7 +5,7 @@ larger than the piece.
     .venv/bin/python -m bench.micro logs        # one structlog line, and one below the level
     .venv/bin/python -m bench.micro sse         # one short SSE response (one frame, the last)
     .venv/bin/python -m bench.micro telemetry   # FastAPI's telemetry checks per request
-    .venv/bin/python -m bench.micro redis       # a GET: redis-py's send, ours (write now)
+    .venv/bin/python -m bench.micro redis       # a GET: redis-py's send and pool, ours
     .venv/bin/python -m bench.micro inline      # one token relayed inline (no socket), parts
     .venv/bin/python -m bench.micro wake        # a uvloop reader woken 350, 1000, 3000 times/s
     .venv/bin/python -m bench.micro enqueue     # an ENQUEUE's client CPU: redis-py's packer, ours
@@ -141,6 +141,10 @@ def _redis_server() -> Iterator[str]:
 
 
 async def redis() -> None:
+    """A GET's client CPU: redis-py's connection and pool; our connection (write now) in
+    redis-py's pool; both of ours (the product: ``shared/redis_connection.py``,
+    ``shared/redis_pool.py``)."""
+    from redis.asyncio import BlockingConnectionPool
     from redis.asyncio.connection import Connection
 
     from shared.redis import connect
@@ -148,10 +152,12 @@ async def redis() -> None:
     with _redis_server() as url:
         for _ in range(ROUNDS):
             row = {}
-            for name in ("redis-py", "write now"):
-                client = connect(url)  # write now (the product's)
+            for name in ("redis-py", "write now", "write now + ready pool"):
+                client = connect(url)  # the product's
                 if name == "redis-py":
                     client.connection_pool.connection_class = Connection
+                if name != "write now + ready pool":
+                    client.connection_pool.__class__ = BlockingConnectionPool
                 await client.set("k", "v")
                 row[name] = await _acpu_us(lambda client=client: client.get("k"))
                 await client.aclose()

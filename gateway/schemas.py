@@ -146,7 +146,11 @@ class _CommonRequest(BaseModel):
         return value
 
     def features(self) -> Features | None:
-        """What the request asks for beyond the plain parameters (None: nothing)."""
+        """What the request asks for beyond the plain parameters (None: nothing). A request
+        that sets none of ``Features``' fields asks for nothing (their defaults are "off"):
+        most requests, answered without building the model (~15 µs of the gateway's)."""
+        if self.model_fields_set.isdisjoint(Features.model_fields):
+            return None
         f = Features(
             top_k=max(0, self.top_k or 0),
             min_p=self.min_p or 0.0,

@@ -271,3 +271,27 @@ async def test_ignore_eos_goes_only_where_it_is_implemented(redis_url: str, upst
         served = await client.post("/v1/chat/completions", json={**body, "ignore_eos": True})
         assert served.status_code == 200, served.text
         assert served.json()["usage"]["completion_tokens"] == 7
+
+
+@pytest.mark.parametrize(
+    ("extra", "needs"),
+    [
+        ({}, None),
+        ({"n": 1, "top_k": 0, "logprobs": False}, None),  # set, but to "off"
+        ({"top_k": 5}, {Feature.TOP_K}),
+        ({"presence_penalty": 0.5}, {Feature.PRESENCE_PENALTY}),
+        ({"logprobs": True, "top_logprobs": 2}, {Feature.LOGPROBS}),
+    ],
+)
+def test_a_request_asks_for_exactly_the_features_it_sets(
+    extra: dict[str, Any], needs: set[Feature] | None
+) -> None:
+    """``features()`` answers "nothing" without building the model when the request sets
+    none of its fields; every field of ``Features`` is a request field of the same name, or
+    that shortcut would miss it."""
+    from gateway.schemas import ChatCompletionRequest
+
+    assert set(Features.model_fields) <= set(ChatCompletionRequest.model_fields)
+    body = ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, **extra})
+    features = body.features()
+    assert (features.needs() if features is not None else None) == needs
