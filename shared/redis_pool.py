@@ -5,22 +5,27 @@ redis-py 5.3 checks each connection it hands out by reading from it under a zero
 (``ensure_connection`` → ``can_read_destructive``). The read always waits, so every command
 costs a turn of the event loop, a timer and a cancelled read, on top of an
 ``asyncio.timeout`` and the pool's ``Condition`` around the checkout (and the release):
-~17 µs of a GET's ~35 µs of client CPU (``python -m bench.micro redis``), and the turn lets
-other work run
-between two commands that were meant to leave together (the gateway's ``SSUBSCRIBE`` and
-its ``ENQUEUE``; the worker's pulls and emits).
+~15 µs of a GET's ~33 µs of client CPU (``python -m bench.micro redis``), and the turn lets
+other work run between two commands meant to leave together (the gateway's ``SSUBSCRIBE``
+and its ``ENQUEUE``).
 
 Here an idle connection is handed out at once when nobody waits for the pool and the
 connection shows, without a read, that it is up and holds nothing unread: its transport
 open, its reader neither at EOF nor holding bytes, hiredis's parser holding no reply.
-Anything else takes redis-py's path, its check included. What that check would catch beyond
-ours is a reply that reached the socket but not yet the reader: one left by a command
-abandoned halfway, which redis-py never returns to the pool open (a send or a read that
-raises, cancellation included, disconnects the connection, and a closed connection takes
-redis-py's path here). A connection the server closed while idle is found when the loop
-has seen its EOF, or by the command's read, which raises ``ConnectionError`` and is retried
-on a new connection by the retry policy (``shared/redis.py``), as redis-py's own check would
-have led to.
+Anything else takes redis-py's path, its check included.
+
+What that check would catch beyond ours is a reply that reached the socket but not yet the
+reader, and only a command abandoned without a disconnect leaves one: redis-py disconnects a
+connection whose send or read raises (cancellation and timeouts included), and a closed
+connection takes redis-py's path here. The one exception in redis-py is a pipeline whose
+response callback raises something other than a ``ResponseError`` (the connection goes back
+open); none of the callbacks the project's commands use raises on Redis's replies, and
+redis-py's check missed a reply still on its way just the same (a review's experiments:
+``docs/benchmarks.md``, round 9). A connection the server closed while idle is found
+when the loop has seen its EOF (the next turn after it arrives), or else by the command's
+read, which raises ``ConnectionError``: the retry policy (``shared/redis.py``) sends the
+command again on a new connection after its first backoff (50-100 ms) where redis-py's check
+would have reconnected at once; the command had not reached Redis, so nothing runs twice.
 """
 
 from __future__ import annotations
