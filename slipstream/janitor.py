@@ -388,6 +388,12 @@ async def run_janitor(settings: JanitorSettings) -> None:
         with suppress(asyncio.CancelledError):
             await worker.async_run()
     finally:
+        # A job still running at SIGTERM was cancelled by arq's own handler, and arq's
+        # close() gathers the job tasks without return_exceptions: that cancellation ended
+        # the janitor with exit code 1 and skipped the rest of close() (seen in CI, a SIGTERM
+        # during a cron firing). Settled here first, the shutdown is clean.
+        await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+        worker.tasks.clear()
         await worker.close()
 
 
