@@ -60,9 +60,7 @@ class ReadyPool(BlockingConnectionPool):
     async def get_connection(self, *args: Any, **kwargs: Any) -> AbstractConnection:
         idle = self._available_connections
         if idle and not self._waiting and idle_and_clean(idle[-1]):
-            connection: AbstractConnection = idle.pop()
-            self._in_use_connections.add(connection)
-            return connection
+            return self.get_available_connection()  # type: ignore[no-any-return,no-untyped-call]
         self._waiting += 1
         try:
             return await super().get_connection()  # type: ignore[no-any-return]
