@@ -83,7 +83,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     keyed = [Depends(authenticate)]  # 401 before the body is read when auth is on
-    app.router.routes.extend(completions.ROUTES)  # lean: they call authenticate themselves
+    # lean: they call authenticate themselves; first, so that a request for them is matched
+    # at once, not after every route FastAPI adds (the OpenAPI document, the docs pages)
+    app.router.routes[:0] = completions.ROUTES
     app.include_router(jobs.router, dependencies=keyed)
     app.include_router(models.router, dependencies=keyed)
     app.include_router(health.router)

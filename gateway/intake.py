@@ -47,7 +47,8 @@ async def read_json(request: Request, limit: int) -> Any:
         data = json.loads(text, parse_constant=_reject_constant)
         if not isinstance(data, dict):
             raise InvalidRequest("request body must be a JSON object")
-        _reject_nul(data, "")
+        if "\\u" in text:  # only an escape makes a NUL or a lone surrogate (raw ones are
+            _reject_nul(data, "")  # refused by the parser, or by the UTF-8 decoding)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc.msg} at {exc.pos}") from None
     except ValueError as exc:  # an integer past Python's limit on digits (4,300)

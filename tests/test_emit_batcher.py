@@ -8,9 +8,10 @@ from redis.asyncio import Redis
 
 from shared.jobs import Claimed, Emit, JobStore
 from shared.keys import Keys
-from shared.models import EventBatch, TokenEvent
+from shared.models import EventBatch, TokenEvent, Usage
 from tests.helpers import make_job
 from worker.emit_batcher import EmitBatcher
+from worker.emitter import EventEmitter
 
 
 async def claim(store: JobStore, n: int) -> list[Claimed]:
@@ -66,3 +67,35 @@ async def test_script_unknown_to_redis_is_loaded_once(redis: Redis) -> None:
 
 def _emit(claimed: Claimed) -> Emit:
     return Emit(claimed, EventBatch(events=[TokenEvent(s=1, x="y")]), 1)
+
+
+async def test_the_first_write_goes_out_before_its_waiter_wakes(redis: Redis) -> None:
+    """The worker's next pull waits on ``first_write``: the first token's write must be on
+    its way (handed to Redis) before that waiter runs, not queued behind it."""
+    store = JobStore(redis, Keys(), ttl_s=60)
+    (claimed,) = await claim(store, 1)
+    order: list[str] = []
+    emit_many = store.emit_many
+
+    async def recorded(emits: list[Emit]) -> list[bool | Exception]:
+        order.append("write")
+        return await emit_many(emits)
+
+    store.emit_many = recorded  # type: ignore[method-assign]
+    batcher = EmitBatcher(store)
+    first = asyncio.Event()
+    emitter = EventEmitter(batcher, claimed, 0.05, first_write=first)
+
+    async def waiter() -> None:
+        await first.wait()
+        order.append("waiter")
+
+    waiting = asyncio.create_task(waiter())
+    await asyncio.sleep(0)
+    await emitter.token(" hi")
+    await asyncio.wait_for(waiting, 5.0)
+    assert order == ["write", "waiter"]
+    await emitter.done("stop", Usage(prompt_tokens=1, completion_tokens=1))
+    entries = await store.read_log(claimed.job.model, claimed.job.id)
+    assert [e.t for entry in entries for e in entry.batch.events] == ["token", "done"]
+    await batcher.close()
