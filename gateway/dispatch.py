@@ -97,7 +97,12 @@ class Dispatch:
     # interface (``gateway/streaming.py``); ``async with`` is for callers whose use fits in a
     # block.
     async def open(self) -> None:
-        """Listen first, then enqueue when submitting (no event can be missed)."""
+        """Listen first, then enqueue when submitting (no event can be missed). A job this
+        stream submits names this process's reply channel, and the stream listens there: no
+        subscription of its own (``PubSubMultiplexer.listen_for``)."""
+        if self.unsent is not None:
+            reply = self.store.keys.replies(self.job.model, self.events.mux.id)
+            self.unsent.reply_to = self.events.reply = reply
         await self.events.__aenter__()
         if self.unsent is not None:
             payload = self.unsent.model_dump_json()

@@ -52,6 +52,7 @@ class JobEvents:
         "mux",
         "needs_log",
         "poll_s",
+        "reply",
         "seq",
         "store",
     )
@@ -66,8 +67,10 @@ class JobEvents:
         after_seq: int = 0,
         poll_s: float = 5.0,
         fresh: bool = False,
+        reply: str | None = None,
     ) -> None:
         self.store = store
+        self.reply = reply  # the channel the job's submitter hears it on (``Keys.replies``)
         self.mux = mux
         self.model = model
         self.job_id = job_id
@@ -85,8 +88,11 @@ class JobEvents:
         self.last_log_read = 0.0
 
     async def __aenter__(self) -> JobEvents:
-        channel = self.store.keys.job_channel(self.model, self.job_id)
-        self.listener = await self.mux.subscribe(channel)
+        if self.reply is not None:
+            self.listener = await self.mux.listen_for(self.job_id, self.reply)
+        else:
+            channel = self.store.keys.job_channel(self.model, self.job_id)
+            self.listener = await self.mux.subscribe(channel)
         return self
 
     async def __aexit__(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -85,6 +86,7 @@ class Listener:
         "armed",
         "channel",
         "deadlines",
+        "job_id",
         "lagging",
         "queue",
         "sink",
@@ -93,8 +95,9 @@ class Listener:
         "waiter",
     )
 
-    def __init__(self, channel: str, size: int, deadlines: Deadlines) -> None:
+    def __init__(self, channel: str, size: int, deadlines: Deadlines, job_id: str = "") -> None:
         self.channel = channel
+        self.job_id = job_id  # set: the job's events come on the gateway's ``channel``
         self.size = size
         self.deadlines = deadlines
         self.queue: list[str] = []
@@ -172,11 +175,24 @@ class Listener:
 class PubSubMultiplexer:
     """Every stream's subscription, over one ``ShardedSubscriber`` (a pub/sub connection per
     Redis node owning subscribed channels: one on a single server, one per shard in Redis
-    Cluster). A lost connection sends its channels' streams to their logs (``on_lost``)."""
+    Cluster). A lost connection sends its channels' streams to their logs (``on_lost``).
+
+    Two kinds of listener. A stream that submitted its job listens on this process's own
+    channel of the job's model (``Keys.replies``, named by ``id``): subscribed once, kept, its
+    messages ``<job id> <batch>`` routed by job id (``listen_for``). That saves a
+    ``SSUBSCRIBE`` and a ``SUNSUBSCRIBE`` per request, each a wake-up of Redis (~65 µs of the
+    first token's path). Any other reader of a job (a resumed stream, the job API's events)
+    subscribes to the job's own channel (``subscribe``), shared by its readers in this process.
+    """
 
     def __init__(self, redis: RedisClient, *, queue_size: int) -> None:
+        self.id = secrets.token_hex(6)  # names this process's reply channels
         self.queue_size = queue_size
         self.listeners: dict[str, set[Listener]] = {}
+        self.by_job: dict[str, Listener] = {}  # submitting streams, on the reply channels
+        self.reply_channels: set[str] = set()  # every reply channel subscribed or being so
+        self._replies_sent: set[str] = set()  # ... whose ``SSUBSCRIBE`` went out
+        self._replies_lock = asyncio.Lock()
         self.subscriber = ShardedSubscriber(redis, self._deliver, self._lost)
         self.deadlines = Deadlines()
         # channels no stream listens to any more: unsubscribed in one command per tick (a
@@ -199,13 +215,25 @@ class PubSubMultiplexer:
         await self.subscriber.close()
 
     def _deliver(self, channel: str, data: str) -> None:
+        if channel in self.reply_channels:
+            job_id, _, data = data.partition(" ")
+            if (reply := self.by_job.get(job_id)) is not None:
+                self.delivered += 1
+                if reply.deliver(data):
+                    self.inline += 1
+            return
         for listener in self.listeners.get(channel, ()):
             self.delivered += 1
             if listener.deliver(data):
                 self.inline += 1
 
     def _lost(self, channels: Iterable[str]) -> None:
-        for channel in channels:
+        lost = set(channels)
+        if not lost.isdisjoint(self.reply_channels):
+            for reply in self.by_job.values():
+                if reply.channel in lost:
+                    reply.mark_lagging()
+        for channel in lost:
             for listener in self.listeners.get(channel, ()):
                 listener.mark_lagging()
 
@@ -222,7 +250,29 @@ class PubSubMultiplexer:
                 listener.mark_lagging()  # repaired in the background; the log has the events
         return listener
 
+    async def listen_for(self, job_id: str, channel: str) -> Listener:
+        """Listen for ``job_id``'s events on ``channel``, this process's reply channel of the
+        job's model; subscribed on first use (later callers wait until its ``SSUBSCRIBE`` went
+        out: they too queue their jobs right after, and no event may come before it)."""
+        listener = Listener(channel, self.queue_size, self.deadlines, job_id)
+        self.by_job[job_id] = listener
+        if channel not in self._replies_sent:
+            async with self._replies_lock:
+                if channel not in self._replies_sent:
+                    self.reply_channels.add(channel)
+                    try:
+                        await self.subscriber.subscribe(channel)
+                    except (RedisError, OSError):
+                        listener.mark_lagging()  # repaired in the background, as ``subscribe``
+                        return listener
+                    self._replies_sent.add(channel)
+        return listener
+
     async def unsubscribe(self, listener: Listener) -> None:
+        if listener.job_id:  # the reply channel stays: only the routing goes
+            if self.by_job.get(listener.job_id) is listener:
+                del self.by_job[listener.job_id]
+            return
         group = self.listeners.get(listener.channel)
         if group is None:
             return

@@ -85,6 +85,7 @@ class JobStore:
             affinity=self.affinity.enqueue_arg(job) if self.affinity else "{}",
             need=job.need_bits,  # features a worker must implement to take it (0: none)
             deadline="" if job.deadline_at_ms is None else job.deadline_at_ms,
+            reply=job.reply_to or "",
         )
         for attempt in range(2):
             async with self.redis.pipeline(transaction=False) as pipe:

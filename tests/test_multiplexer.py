@@ -35,3 +35,40 @@ async def test_a_dropped_connection_marks_every_stream_for_repair(redis: Redis) 
             raise AssertionError("no delivery after the reconnect")
     finally:
         await mux.close()
+
+
+async def test_reply_listeners_share_one_channel_and_are_repaired_on_a_drop(
+    redis: Redis,
+) -> None:
+    """Streams that submitted their jobs listen on one channel of the process, routed by the
+    job id at the head of each message; a drop marks them for repair like any listener."""
+    mux = PubSubMultiplexer(redis, queue_size=16)
+    await mux.start()
+    try:
+        a, b = await asyncio.gather(
+            mux.listen_for("ja", "replies"), mux.listen_for("jb", "replies")
+        )
+        assert dict(await redis.pubsub_shardnumsub("replies")) == {"replies": 1}  # once
+        assert await redis.spublish("replies", 'jb {"x": 1}') == 1
+        assert await b.wait(2.0) and b.take() == ['{"x": 1}']  # the job id is routing only
+        assert a.take() == []  # another job's message is not a's
+        await redis.spublish("replies", "unknown {}")  # nobody's: dropped, nothing breaks
+        await mux.unsubscribe(a)
+        await redis.spublish("replies", "ja {}")
+        assert "ja" not in mux.by_job and a.take() == []
+        assert dict(await redis.pubsub_shardnumsub("replies")) == {"replies": 1}  # kept
+        assert await redis.client_kill_filter(_type="pubsub") >= 1
+        for _ in range(100):  # bounded: 5 s
+            if b.lagging:
+                break
+            await asyncio.sleep(0.05)
+        assert b.lagging and not a.lagging  # b repairs from its log; a left before the drop
+        b.lagging = False
+        for _ in range(100):  # the channel was subscribed again on the new connection
+            await redis.spublish("replies", "jb after")
+            if await b.wait(0.05) and "after" in b.take():
+                break
+        else:
+            raise AssertionError("no delivery after the reconnect")
+    finally:
+        await mux.close()
