@@ -67,10 +67,11 @@ class JobEvents:
         after_seq: int = 0,
         poll_s: float = 5.0,
         fresh: bool = False,
-        reply: str | None = None,
     ) -> None:
         self.store = store
-        self.reply = reply  # the channel the job's submitter hears it on (``Keys.replies``)
+        # a job about to be submitted is heard on this process's reply channel: named once
+        # listening (``__aenter__``), to be queued with the job (``JobStore.enqueue``)
+        self.reply = "" if fresh else None
         self.mux = mux
         self.model = model
         self.job_id = job_id
@@ -89,6 +90,7 @@ class JobEvents:
 
     async def __aenter__(self) -> JobEvents:
         if self.reply is not None:
+            self.reply = self.store.keys.replies(self.model, self.mux.id)
             self.listener = await self.mux.listen_for(self.job_id, self.reply)
         else:
             channel = self.store.keys.job_channel(self.model, self.job_id)

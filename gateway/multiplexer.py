@@ -183,16 +183,20 @@ class PubSubMultiplexer:
     ``SSUBSCRIBE`` and a ``SUNSUBSCRIBE`` per request, each a wake-up of Redis (~65 µs of the
     first token's path). Any other reader of a job (a resumed stream, the job API's events)
     subscribes to the job's own channel (``subscribe``), shared by its readers in this process.
+    The trade-off: a job whose stream left early (``X-Cancel-On-Disconnect: false``, a reader
+    cut for being slow) still has its batches sent here, to be dropped, where an unsubscribe
+    stopped them; and a worker must publish on both channels, so workers (and the janitor)
+    are upgraded before gateways (docs/operations.md).
     """
 
     def __init__(self, redis: RedisClient, *, queue_size: int) -> None:
-        self.id = secrets.token_hex(6)  # names this process's reply channels
+        self.id = secrets.token_hex(6)  # names this process's reply channels (``Keys.replies``)
         self.queue_size = queue_size
         self.listeners: dict[str, set[Listener]] = {}
         self.by_job: dict[str, Listener] = {}  # submitting streams, on the reply channels
-        self.reply_channels: set[str] = set()  # every reply channel subscribed or being so
-        self._replies_sent: set[str] = set()  # ... whose ``SSUBSCRIBE`` went out
-        self._replies_lock = asyncio.Lock()
+        # every reply channel -> done once its ``SSUBSCRIBE`` went out (or, failing, once the
+        # subscriber took its repair over: its ``on_lost`` covers the channel from then on)
+        self.reply_channels: dict[str, asyncio.Future[None]] = {}
         self.subscriber = ShardedSubscriber(redis, self._deliver, self._lost)
         self.deadlines = Deadlines()
         # channels no stream listens to any more: unsubscribed in one command per tick (a
@@ -217,7 +221,9 @@ class PubSubMultiplexer:
     def _deliver(self, channel: str, data: str) -> None:
         if channel in self.reply_channels:
             job_id, _, data = data.partition(" ")
-            if (reply := self.by_job.get(job_id)) is not None:
+            # only the channel it was submitted through: a process allowed to publish on
+            # one model's channels cannot reach another model's streams
+            if (reply := self.by_job.get(job_id)) is not None and reply.channel == channel:
                 self.delivered += 1
                 if reply.deliver(data):
                     self.inline += 1
@@ -255,17 +261,20 @@ class PubSubMultiplexer:
         job's model; subscribed on first use (later callers wait until its ``SSUBSCRIBE`` went
         out: they too queue their jobs right after, and no event may come before it)."""
         listener = Listener(channel, self.queue_size, self.deadlines, job_id)
-        self.by_job[job_id] = listener
-        if channel not in self._replies_sent:
-            async with self._replies_lock:
-                if channel not in self._replies_sent:
-                    self.reply_channels.add(channel)
-                    try:
-                        await self.subscriber.subscribe(channel)
-                    except (RedisError, OSError):
-                        listener.mark_lagging()  # repaired in the background, as ``subscribe``
-                        return listener
-                    self._replies_sent.add(channel)
+        while (sent := self.reply_channels.get(channel)) is not None and not sent.done():
+            await asyncio.shield(sent)  # another request's first subscription of it
+        if sent is None:
+            sent = self.reply_channels[channel] = asyncio.get_running_loop().create_future()
+            try:
+                await self.subscriber.subscribe(channel)
+            except (RedisError, OSError):
+                listener.mark_lagging()  # repaired in the background, as ``subscribe``
+            except BaseException:
+                del self.reply_channels[channel]  # cancelled, maybe unsent: the next one sends
+                raise
+            finally:
+                sent.set_result(None)
+        self.by_job[job_id] = listener  # before the job is queued: nothing comes for it sooner
         return listener
 
     async def unsubscribe(self, listener: Listener) -> None:

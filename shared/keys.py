@@ -121,7 +121,8 @@ class Keys:
     def replies(self, model: str, gateway: str) -> str:
         """Pub/sub channel of one gateway process: the events of every job of ``model`` it
         submitted, each message ``<job id> <batch>``, so a submitting stream needs no
-        subscription of its own (``Job.reply_to``; the job's own channel carries them too)."""
+        subscription of its own (the job hash's ``reply`` names it; the job's own channel
+        carries the same batches)."""
         return f"{self.prefix}:{{{model}}}:{REPLIES}{gateway}"
 
     def control_channel(self, model: str) -> str:

@@ -79,8 +79,6 @@ class Job(BaseModel):
     continuous_usage: bool = False  # usage on every chunk (vLLM's continuous_usage_stats)
     session: str | None = None  # hashed session key (affinity across the turns of a chat)
     features: Features | None = None  # what it asks for beyond the plain parameters
-    # the submitting gateway's channel (``Keys.replies``): its events are published there too
-    reply_to: str | None = None
 
     def needs(self) -> Capabilities:
         """The features a worker must implement to take this job (none for a plain one)."""

@@ -72,3 +72,67 @@ async def test_reply_listeners_share_one_channel_and_are_repaired_on_a_drop(
             raise AssertionError("no delivery after the reconnect")
     finally:
         await mux.close()
+
+
+async def test_a_reply_channel_is_subscribed_once_and_waited_for(redis: Redis) -> None:
+    """A request for a model whose reply channel is being subscribed waits until that
+    ``SSUBSCRIBE`` went out (it queues its job right after); a failed first subscription is
+    left to the subscriber's repair, not sent again by every request; a cancelled one is."""
+    mux = PubSubMultiplexer(redis, queue_size=16)
+    calls: list[str] = []
+    gate = asyncio.Event()
+    outcome: list[BaseException | None] = [None]
+
+    async def subscribe(channel: str) -> None:  # the subscriber's send, held at ``gate``
+        calls.append(channel)
+        await gate.wait()
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    mux.subscriber.subscribe = subscribe  # type: ignore[method-assign]
+    first = asyncio.create_task(mux.listen_for("j1", "r"))
+    second = asyncio.create_task(mux.listen_for("j2", "r"))
+    await asyncio.sleep(0.01)
+    assert calls == ["r"] and not first.done() and not second.done()  # held for the send
+    gate.set()
+    a, b = await first, await second
+    assert calls == ["r"] and not a.lagging and not b.lagging
+    assert set(mux.by_job) == {"j1", "j2"}
+
+    gate.clear()
+    outcome[0] = ConnectionError("down")  # an OSError: the subscriber repairs it
+    failing = asyncio.create_task(mux.listen_for("j3", "r2"))
+    await asyncio.sleep(0.01)
+    gate.set()
+    assert (await failing).lagging  # it reads its log
+    assert not (await mux.listen_for("j4", "r2")).lagging and calls == ["r", "r2"]
+
+    gate.clear()
+    outcome[0] = None
+    cancelled = asyncio.create_task(mux.listen_for("j5", "r3"))
+    waiting = asyncio.create_task(mux.listen_for("j6", "r3"))
+    await asyncio.sleep(0.01)
+    cancelled.cancel()
+    await asyncio.sleep(0.01)
+    assert calls == ["r", "r2", "r3", "r3"]  # maybe never sent: the waiting one sends it
+    gate.set()
+    assert not (await waiting).lagging and "j5" not in mux.by_job
+
+
+async def test_a_reply_message_reaches_a_stream_only_through_its_own_channel(
+    redis: Redis,
+) -> None:
+    """A job id at the head of a message on another model's reply channel is not routed: a
+    publisher allowed on one model's channels cannot reach another model's streams."""
+    mux = PubSubMultiplexer(redis, queue_size=16)
+    await mux.start()
+    try:
+        ours = await mux.listen_for("ja", "replies-a")
+        await mux.listen_for("jb", "replies-b")
+        assert await redis.spublish("replies-b", "ja forged") == 1
+        assert await redis.spublish("replies-a", "ja real") == 1
+        assert await ours.wait(2.0)
+        await asyncio.sleep(0.05)
+        assert ours.take() == ["real"]
+    finally:
+        await mux.close()

@@ -158,11 +158,14 @@ class EventEmitter:
             self.last_write = time.monotonic()
             self.tokens_written += tokens
             if self.first_write is not None:
-                # set once the write has gone out: the sink's writer task (``EmitBatcher``),
-                # queued by ``_send`` below, runs before this callback's waiters, so the
-                # worker's next pull, which waits on it, does not go out ahead of the first
-                # token (set at once here, the pull's wake-up ran first and cost ~25 µs)
+                # The worker's next pull waits on it and must not go out ahead of the first
+                # token. Set from a callback: it runs before the sink's writer task
+                # (``EmitBatcher``, started by ``_send`` below) takes its first step, but
+                # ``Event.set`` wakes its waiters through the loop again, so they run after
+                # that step has sent the batch. Set at once here, the pull loop's wake-up ran
+                # first and the first token left ~25 µs later.
                 asyncio.get_running_loop().call_soon(self.first_write.set)
+                self.first_write = None  # once
             if not await self._send(batch, tokens, terminal):
                 raise LeaseLost(self.claimed.job.id)
 
