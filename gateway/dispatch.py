@@ -97,14 +97,12 @@ class Dispatch:
     # interface (``gateway/streaming.py``); ``async with`` is for callers whose use fits in a
     # block.
     async def open(self) -> None:
-        """Listen first, then enqueue when submitting (no event can be missed). A job this
-        stream submits names this process's reply channel, and the stream listens there: no
-        subscription of its own (``PubSubMultiplexer.listen_for``)."""
+        """Listen first, then enqueue when submitting (no event can be missed)."""
         await self.events.__aenter__()
         if self.unsent is not None:
             payload = self.unsent.model_dump_json()
             try:
-                await self.store.enqueue(self.unsent, payload=payload, reply=self.events.reply)
+                await self.store.enqueue(self.unsent, payload=payload)
             except BaseException:
                 await self.events.__aexit__(None, None, None)
                 raise
@@ -224,8 +222,7 @@ class Dispatch:
             # ends the wait), not by a read of its own: at 10,000 streams that read was a
             # quarter of the gateway's CPU.
             log.warning("job_resubmitted", job_id=job.id, request_id=job.request_id)
-            job_again = Job.model_validate_json(self.payload)
-            await store.enqueue(job_again, payload=self.payload, reply=self.events.reply)
+            await store.enqueue(Job.model_validate_json(self.payload), payload=self.payload)
             self.events.gone = False
             return
         if self._past_deadline():

@@ -52,7 +52,6 @@ class JobEvents:
         "mux",
         "needs_log",
         "poll_s",
-        "reply",
         "seq",
         "store",
     )
@@ -69,9 +68,6 @@ class JobEvents:
         fresh: bool = False,
     ) -> None:
         self.store = store
-        # a job about to be submitted is heard on this process's reply channel: named once
-        # listening (``__aenter__``), to be queued with the job (``JobStore.enqueue``)
-        self.reply = "" if fresh else None
         self.mux = mux
         self.model = model
         self.job_id = job_id
@@ -89,12 +85,8 @@ class JobEvents:
         self.last_log_read = 0.0
 
     async def __aenter__(self) -> JobEvents:
-        if self.reply is not None:
-            self.reply = self.store.keys.replies(self.model, self.mux.id)
-            self.listener = await self.mux.listen_for(self.job_id, self.reply)
-        else:
-            channel = self.store.keys.job_channel(self.model, self.job_id)
-            self.listener = await self.mux.subscribe(channel)
+        channel = self.store.keys.job_channel(self.model, self.job_id)
+        self.listener = await self.mux.subscribe(channel)
         return self
 
     async def __aexit__(

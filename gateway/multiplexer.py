@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import secrets
 import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -86,7 +85,6 @@ class Listener:
         "armed",
         "channel",
         "deadlines",
-        "job_id",
         "lagging",
         "queue",
         "sink",
@@ -95,9 +93,8 @@ class Listener:
         "waiter",
     )
 
-    def __init__(self, channel: str, size: int, deadlines: Deadlines, job_id: str = "") -> None:
+    def __init__(self, channel: str, size: int, deadlines: Deadlines) -> None:
         self.channel = channel
-        self.job_id = job_id  # set: the job's events come on the gateway's ``channel``
         self.size = size
         self.deadlines = deadlines
         self.queue: list[str] = []
@@ -175,28 +172,11 @@ class Listener:
 class PubSubMultiplexer:
     """Every stream's subscription, over one ``ShardedSubscriber`` (a pub/sub connection per
     Redis node owning subscribed channels: one on a single server, one per shard in Redis
-    Cluster). A lost connection sends its channels' streams to their logs (``on_lost``).
-
-    Two kinds of listener. A stream that submitted its job listens on this process's own
-    channel of the job's model (``Keys.replies``, named by ``id``): subscribed once, kept, its
-    messages ``<job id> <batch>`` routed by job id (``listen_for``). That saves a
-    ``SSUBSCRIBE`` and a ``SUNSUBSCRIBE`` per request, each a wake-up of Redis (~65 µs of the
-    first token's path). Any other reader of a job (a resumed stream, the job API's events)
-    subscribes to the job's own channel (``subscribe``), shared by its readers in this process.
-    The trade-off: a job whose stream left early (``X-Cancel-On-Disconnect: false``, a reader
-    cut for being slow) still has its batches sent here, to be dropped, where an unsubscribe
-    stopped them; and a worker must publish on both channels, so workers (and the janitor)
-    are upgraded before gateways (docs/operations.md).
-    """
+    Cluster). A lost connection sends its channels' streams to their logs (``on_lost``)."""
 
     def __init__(self, redis: RedisClient, *, queue_size: int) -> None:
-        self.id = secrets.token_hex(6)  # names this process's reply channels (``Keys.replies``)
         self.queue_size = queue_size
         self.listeners: dict[str, set[Listener]] = {}
-        self.by_job: dict[str, Listener] = {}  # submitting streams, on the reply channels
-        # every reply channel -> done once its ``SSUBSCRIBE`` went out (or, failing, once the
-        # subscriber took its repair over: its ``on_lost`` covers the channel from then on)
-        self.reply_channels: dict[str, asyncio.Future[None]] = {}
         self.subscriber = ShardedSubscriber(redis, self._deliver, self._lost)
         self.deadlines = Deadlines()
         # channels no stream listens to any more: unsubscribed in one command per tick (a
@@ -219,27 +199,13 @@ class PubSubMultiplexer:
         await self.subscriber.close()
 
     def _deliver(self, channel: str, data: str) -> None:
-        if channel in self.reply_channels:
-            job_id, _, data = data.partition(" ")
-            # only the channel it was submitted through: a process allowed to publish on
-            # one model's channels cannot reach another model's streams
-            if (reply := self.by_job.get(job_id)) is not None and reply.channel == channel:
-                self.delivered += 1
-                if reply.deliver(data):
-                    self.inline += 1
-            return
         for listener in self.listeners.get(channel, ()):
             self.delivered += 1
             if listener.deliver(data):
                 self.inline += 1
 
     def _lost(self, channels: Iterable[str]) -> None:
-        lost = set(channels)
-        if not lost.isdisjoint(self.reply_channels):
-            for reply in self.by_job.values():
-                if reply.channel in lost:
-                    reply.mark_lagging()
-        for channel in lost:
+        for channel in channels:
             for listener in self.listeners.get(channel, ()):
                 listener.mark_lagging()
 
@@ -256,32 +222,7 @@ class PubSubMultiplexer:
                 listener.mark_lagging()  # repaired in the background; the log has the events
         return listener
 
-    async def listen_for(self, job_id: str, channel: str) -> Listener:
-        """Listen for ``job_id``'s events on ``channel``, this process's reply channel of the
-        job's model; subscribed on first use (later callers wait until its ``SSUBSCRIBE`` went
-        out: they too queue their jobs right after, and no event may come before it)."""
-        listener = Listener(channel, self.queue_size, self.deadlines, job_id)
-        while (sent := self.reply_channels.get(channel)) is not None and not sent.done():
-            await asyncio.shield(sent)  # another request's first subscription of it
-        if sent is None:
-            sent = self.reply_channels[channel] = asyncio.get_running_loop().create_future()
-            try:
-                await self.subscriber.subscribe(channel)
-            except (RedisError, OSError):
-                listener.mark_lagging()  # repaired in the background, as ``subscribe``
-            except BaseException:
-                del self.reply_channels[channel]  # cancelled, maybe unsent: the next one sends
-                raise
-            finally:
-                sent.set_result(None)
-        self.by_job[job_id] = listener  # before the job is queued: nothing comes for it sooner
-        return listener
-
     async def unsubscribe(self, listener: Listener) -> None:
-        if listener.job_id:  # the reply channel stays: only the routing goes
-            if self.by_job.get(listener.job_id) is listener:
-                del self.by_job[listener.job_id]
-            return
         group = self.listeners.get(listener.channel)
         if group is None:
             return

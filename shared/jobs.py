@@ -57,12 +57,9 @@ class JobStore:
         budget = 0 if job.deadline_at_ms is None else job.deadline_at_ms - job.enqueued_at_ms
         return self.ttl_ms + max(0, budget)
 
-    async def enqueue(
-        self, job: Job, *, payload: str | None = None, reply: str | None = None
-    ) -> str:
+    async def enqueue(self, job: Job, *, payload: str | None = None) -> str:
         """Store the job and append it to its queue; returns the queue entry id. ``payload``:
-        the job's JSON when the caller has it already; ``reply``: the submitting gateway's
-        channel (``Keys.replies``), where the job's events are published too.
+        the job's JSON when the caller has it already.
 
         The job-index entry and the script go out in one round trip. The script is called by
         its hash (a ``Script`` in a pipeline would add a ``SCRIPT EXISTS`` round trip); when
@@ -88,7 +85,6 @@ class JobStore:
             affinity=self.affinity.enqueue_arg(job) if self.affinity else "{}",
             need=job.need_bits,  # features a worker must implement to take it (0: none)
             deadline="" if job.deadline_at_ms is None else job.deadline_at_ms,
-            reply=reply or "",
         )
         for attempt in range(2):
             async with self.redis.pipeline(transaction=False) as pipe:

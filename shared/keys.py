@@ -28,7 +28,6 @@ PART = ":"  # between two parts of a name
 JOB = "job:"  # + job id
 JOB_LOG = ":log"  # a job's key +
 JOB_EVENTS = ":events"  # a job's key + (a pub/sub channel)
-REPLIES = "replies:"  # + gateway process id (a pub/sub channel)
 WORKER = "worker:"  # + worker id
 WARM = "warm:"  # + worker id
 INBOX = "inbox:"  # + worker id
@@ -117,13 +116,6 @@ class Keys:
     def job_channel(self, model: str, job_id: str) -> str:
         """Pub/sub channel: the fast path for the job's events."""
         return f"{self.prefix}:{{{model}}}:{JOB}{job_id}{JOB_EVENTS}"
-
-    def replies(self, model: str, gateway: str) -> str:
-        """Pub/sub channel of one gateway process: the events of every job of ``model`` it
-        submitted, each message ``<job id> <batch>``, so a submitting stream needs no
-        subscription of its own (the job hash's ``reply`` names it; the job's own channel
-        carries the same batches)."""
-        return f"{self.prefix}:{{{model}}}:{REPLIES}{gateway}"
 
     def control_channel(self, model: str) -> str:
         """Pub/sub channel workers of a model listen on (cancellations)."""

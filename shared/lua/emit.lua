@@ -19,12 +19,12 @@ local group      = ARGV[8]  -- the workers' consumer group
 local job_id     = ARGV[9]  -- the job's id
 local seq_before = ARGV[10] -- the job's seq before this batch (its first numbered event is the next)
 
-local f = redis.call('HMGET', job, 'fence', 'state', 'seq', 'lastw', 'reply')
+local f = redis.call('HMGET', job, 'fence', 'state', 'seq', 'lastw')
 local mark = fence .. ':' .. last_seq
 if f[1] == fence and f[4] == mark then return 2 end
 if f[1] ~= fence or f[2] ~= 'running' then return 0 end
 if tonumber(f[3]) ~= tonumber(seq_before) then return -1 end
-emit(job_log, channel, batch, ttl, f[5], job_id)
+emit(job_log, channel, batch, ttl)
 redis.call('HSET', job, 'seq', last_seq, 'lastw', mark)
 redis.call('HINCRBY', job, 'ntok', new_tokens)
 if terminal ~= '' then finish({leases = leases}, {id = job_id, key = job}, terminal, group) end

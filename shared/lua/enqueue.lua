@@ -19,7 +19,6 @@ local quantum  = tonumber(ARGV[8])  -- fair-share quantum in tokens (0: off)
 local affinity = ARGV[9]  -- JSON: ``fp`` block hashes joined by spaces, ``session``, ``aw`` longest affinity wait ms (0: none), ``sttl`` session ttl ms, ``dl`` deadline ms; or ``{}``
 local need     = ARGV[10] -- bit mask of the features a worker must implement to take it (shared.capabilities; 0: none)
 local deadline = ARGV[11] -- its deadline, ms by Redis's clock ('': none): PULL reads it, not the payload
-local reply    = ARGV[12] -- the submitting gateway's channel ('': none): events go there too
 
 if redis.call('EXISTS', job) == 1 then
   -- a replay (the client retried after the reply was lost) or the same id again: the job is
@@ -42,7 +41,7 @@ else
 end
 redis.call('HSET', job, 'id', job_id, 'state', 'queued', 'payload', payload, 'seq', 0,
   'fence', 0, 'deliveries', 0, 'ntok', 0, 'queue', into, 'entry', entry, 'cost', cost,
-  'prio', prio, 'tenant', tenant, 'inmain', inmain, 'deadline', deadline, 'reply', reply)
+  'prio', prio, 'tenant', tenant, 'inmain', inmain, 'deadline', deadline)
 local aff = cjson.decode(affinity)
 if aff['aw'] and tonumber(aff['aw']) > 0 then
   redis.call('HSET', job, 'aw', aff['aw'], 'fp', aff['fp'] or '', 'session', aff['session'] or '',

@@ -3,13 +3,10 @@
 -- ``m`` is the model's keys, as the script got them through KEYS: ``m.prefix`` (the model's
 -- ``slip:{model}:``, for the keys found only at run time, built with ``K``), ``m.leases``,
 -- ``m.reserved``, ``m.backlog`` and ``m.fair`` (the ones the script's calls need).
-local function emit(log, channel, batch, ttl, reply, id)
-  -- log a job's batch, publish it on its channel and, prefixed with the job's id, on the
-  -- channel of the gateway that submitted it (``reply``: the job hash's field; '' or nil: none)
+local function emit(log, channel, batch, ttl)
   redis.call('XADD', log, '*', 'e', batch)
   redis.call('PEXPIRE', log, ttl)
   redis.call('SPUBLISH', channel, batch)
-  if reply and reply ~= '' then redis.call('SPUBLISH', reply, id .. ' ' .. batch) end
 end
 local function error_batch(seq, code, message, status)
   return cjson.encode({v=1, events={{t='error', s=seq, code=code, message=message, status=status}}})
@@ -89,10 +86,9 @@ local function finish(m, j, state, group)
 end
 local function fail(m, j, state, code, message, status, group, ttl)
   -- terminal with an error event (``j``: a job's keys, as ``job_of`` returns them)
-  local f = redis.call('HMGET', j.key, 'seq', 'reply')
-  local seq = tonumber(f[1]) + 1
+  local seq = tonumber(redis.call('HGET', j.key, 'seq')) + 1
   redis.call('HSET', j.key, 'seq', seq)
-  emit(j.log, j.channel, error_batch(seq, code, message, status), ttl, f[2], j.id)
+  emit(j.log, j.channel, error_batch(seq, code, message, status), ttl)
   finish(m, j, state, group)
 end
 local function claim(m, job, id, consumer, now, lease)
