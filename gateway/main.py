@@ -11,9 +11,9 @@ import uvicorn
 from fastapi import FastAPI
 
 from gateway.app import create_app
+from gateway.entry import entry
 from gateway.processes import Supervisor
 from gateway.settings import GatewaySettings
-from gateway.sse import direct_send
 from shared.gc_policy import tune_gc
 from shared.logs import configure_logging
 
@@ -57,7 +57,7 @@ def serve(settings: GatewaySettings, sockets: list[socket.socket]) -> None:
     app = create_app(settings)
     tune_gc(settings.gc_thresholds)
     config = uvicorn.Config(
-        direct_send(app),
+        entry(app),
         interface="asgi3",
         host=settings.host,
         port=settings.port,

@@ -24,11 +24,17 @@ class RequestContextMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            structlog.contextvars.clear_contextvars()
-            given = Headers(scope=scope).get("x-request-id")
-            if given and REQUEST_ID.match(given):
-                structlog.contextvars.bind_contextvars(request_id=given)
+            self.begin(scope)
         await self.app(scope, receive, send)
+
+    @staticmethod
+    def begin(scope: Scope) -> None:
+        """Its whole work for an HTTP request (``gateway/entry.py`` calls it for the routes it
+        serves without the middleware stack)."""
+        structlog.contextvars.clear_contextvars()
+        given = Headers(scope=scope).get("x-request-id")
+        if given and REQUEST_ID.match(given):
+            structlog.contextvars.bind_contextvars(request_id=given)
 
 
 def bind_job(job: Job) -> None:

@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gateway.app import create_app  # noqa: E402
+from gateway.entry import entry  # noqa: E402
 from gateway.settings import GatewaySettings  # noqa: E402
-from gateway.sse import direct_send  # noqa: E402
 from tests.helpers import free_port, running_app  # noqa: E402
 
 CLIENT = r"""
@@ -68,7 +68,7 @@ async def measure(n: int, redis_url: str, pad: int) -> None:
     client = None
     try:
         async with (
-            running_app(direct_send(create_app(settings)), port),
+            running_app(entry(create_app(settings)), port),
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http,
         ):
             await asyncio.sleep(3)

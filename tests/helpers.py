@@ -16,8 +16,8 @@ from typing import Any
 import uvicorn
 
 from gateway.app import create_app
+from gateway.entry import entry
 from gateway.settings import GatewaySettings
-from gateway.sse import direct_send
 from worker.engines import build_engine
 from worker.service import Worker
 from worker.settings import WorkerSettings
@@ -99,7 +99,7 @@ def worker_settings(redis_url: str, **overrides: Any) -> WorkerSettings:
 @contextlib.asynccontextmanager
 async def running_gateway(settings: GatewaySettings) -> AsyncIterator[str]:
     """Serve the gateway in this event loop; yields its base URL (``http://host:port``)."""
-    async with running_app(direct_send(create_app(settings)), settings.port) as base:
+    async with running_app(entry(create_app(settings)), settings.port) as base:
         yield base
 
 
