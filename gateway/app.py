@@ -24,6 +24,7 @@ from gateway.request_context import RequestContextMiddleware
 from gateway.routes import completions, dashboard, health, jobs, models
 from gateway.routes import metrics as metrics_routes
 from gateway.settings import GatewaySettings
+from gateway.spare_channels import SpareChannels
 from gateway.state import GatewayState
 from shared.errors import SlipstreamError, error_envelope
 from shared.jobs import JobStore
@@ -38,7 +39,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         redis = connect(settings.redis_url, client_name="slipstream-gateway")
         keys = Keys(settings.prefix)
-        mux = PubSubMultiplexer(redis, queue_size=settings.listener_queue_batches)
+        spares = SpareChannels(keys.job_channel)
+        mux = PubSubMultiplexer(redis, queue_size=settings.listener_queue_batches, spares=spares)
         await mux.start()
         state = GatewayState(
             settings=settings,

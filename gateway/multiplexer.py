@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import structlog
 from redis.exceptions import RedisError
 
+from gateway.spare_channels import SpareChannels
 from shared.aio import cancel_and_wait
 from shared.pubsub import KEEPALIVE_S, ShardedSubscriber
 from shared.redis import RedisClient
@@ -172,10 +174,14 @@ class Listener:
 class PubSubMultiplexer:
     """Every stream's subscription, over one ``ShardedSubscriber`` (a pub/sub connection per
     Redis node owning subscribed channels: one on a single server, one per shard in Redis
-    Cluster). A lost connection sends its channels' streams to their logs (``on_lost``)."""
+    Cluster). A lost connection sends its channels' streams to their logs (``on_lost``).
+    With ``spares``, new jobs' channels are subscribed ahead (``job_id``)."""
 
-    def __init__(self, redis: RedisClient, *, queue_size: int) -> None:
+    def __init__(
+        self, redis: RedisClient, *, queue_size: int, spares: SpareChannels | None = None
+    ) -> None:
         self.queue_size = queue_size
+        self.spares = spares
         self.listeners: dict[str, set[Listener]] = {}
         self.subscriber = ShardedSubscriber(redis, self._deliver, self._lost)
         self.deadlines = Deadlines()
@@ -193,10 +199,17 @@ class PubSubMultiplexer:
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._tick_loop(), name="stream-deadlines")]
+        if self.spares is not None:
+            self._tasks.append(asyncio.create_task(self._spares_loop(self.spares), name="spares"))
 
     async def close(self) -> None:
         await cancel_and_wait(self._tasks)
         await self.subscriber.close()
+
+    def job_id(self, model: str) -> str:
+        """An id for a new job of ``model`` whose events a stream here will follow: with
+        spares, one whose channel is subscribed already when there is one."""
+        return uuid.uuid4().hex if self.spares is None else self.spares.take(model)
 
     def _deliver(self, channel: str, data: str) -> None:
         for listener in self.listeners.get(channel, ()):
@@ -215,7 +228,7 @@ class PubSubMultiplexer:
         group.add(listener)
         if len(group) == 1 and channel in self._leaving:
             self._leaving.discard(channel)  # never left: still subscribed
-        elif len(group) == 1:
+        elif len(group) == 1 and not (self.spares is not None and self.spares.claim(channel)):
             try:
                 await self.subscriber.subscribe(channel)
             except (RedisError, OSError):
@@ -230,6 +243,26 @@ class PubSubMultiplexer:
         if not group:
             del self.listeners[listener.channel]
             self._leaving.add(listener.channel)  # one SUNSUBSCRIBE for many, at the next tick
+
+    async def _spares_loop(self, spares: SpareChannels) -> None:
+        """Refills the spares each tick, apart from ``_tick_loop``: a subscription may wait
+        for a connection to Redis, which the streams' timeouts must not."""
+        while True:
+            await asyncio.sleep(self.deadlines.tick)
+            await self._refill(spares)
+
+    async def _refill(self, spares: SpareChannels) -> None:
+        """Subscribe new spares (one ``SSUBSCRIBE`` per model); leave the surplus."""
+        new, leave = spares.refill()
+        self._leaving.update(c for c in leave if c not in self.listeners)
+        for model, ids in new.items():
+            channels = [spares.channel_of(model, i) for i in ids]
+            try:
+                await self.subscriber.subscribe(*channels)
+            except (RedisError, OSError):  # not worth a repair: a stream can do without
+                await self.subscriber.unsubscribe(channels)
+                continue
+            spares.add(model, ids)
 
     async def _tick_loop(self) -> None:
         """Drives the ``Deadlines`` wheel that every stream's timeouts share, the batched

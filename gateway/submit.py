@@ -42,9 +42,11 @@ class Accepted:
         return {"X-Request-Id": job.request_id, "X-Slipstream-Job-Id": job.id, **self.rate_headers}
 
 
-async def accept(request: Request, kind: Kind | None) -> Accepted:
+async def accept(request: Request, kind: Kind | None, *, follow: bool = False) -> Accepted:
     """Validate and admit a request. ``kind=None`` (the job API) decides by the body:
-    ``messages`` is chat, else completion."""
+    ``messages`` is chat, else completion. ``follow``: the caller will listen to the job's
+    events (the OpenAI routes), so once admission lets it in, the job takes an id whose
+    channel is subscribed already (``gateway/spare_channels.py``)."""
     state = gateway_state(request)
     if state.draining:
         raise ShuttingDown("the gateway is shutting down; retry on another replica")
@@ -68,6 +70,8 @@ async def accept(request: Request, kind: Kind | None) -> Accepted:
     await ensure_known_model(state, job.model)
     try:
         await state.admission.check(job)  # 400 context / 429 deadline or queue full
+        if follow:  # nothing has used the id ``build_job`` gave it
+            job.id = state.mux.job_id(job.model)
         rate_headers = await state.limits.charge(api_key_of(request), job)  # 429
     except Overloaded as exc:
         state.metrics.rejected(job.model, exc.code)

@@ -98,15 +98,19 @@ class ShardedSubscriber:
             await link.close()
         self.links.clear()
 
-    async def subscribe(self, channel: str) -> None:
-        """Subscribe ``channel`` on its node (raises ``RedisError``/``OSError`` when that node
-        cannot be reached; the channel is then repaired in the background and ``on_lost``
-        follows)."""
-        self.wanted.add(channel)
+    async def subscribe(self, *channels: str) -> None:
+        """Subscribe ``channels``, all of one hash slot, on their node in one ``SSUBSCRIBE``
+        (raises ``RedisError``/``OSError`` when that node cannot be reached; the channels are
+        then repaired in the background and ``on_lost`` follows)."""
+        self.wanted.update(channels)
         try:
-            await self._place([channel])
+            link = await self._link_for(channels[0])
+            placed = [c for c in channels if c in self.wanted]  # not left while it waited
+            if placed:
+                link.channels.update(placed)
+                await link.send("SSUBSCRIBE", *placed)
         except (RedisError, OSError):
-            self._spawn(self._repair([channel]))
+            self._spawn(self._repair(list(channels)))
             raise
 
     async def unsubscribe(self, channels: Iterable[str]) -> None:

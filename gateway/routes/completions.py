@@ -52,7 +52,7 @@ documented.add_api_route(
 
 
 async def generate(request: Request, kind: Kind) -> Response:
-    accepted = await accept(request, kind)
+    accepted = await accept(request, kind, follow=True)
     state, job, stream = accepted.state, accepted.job, accepted.stream
     existing, binding = await claim_idempotency_key(state, request, job)
     submit = existing is None

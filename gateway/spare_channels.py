@@ -1,0 +1,94 @@
+"""``SpareChannels``: job ids whose event channels are subscribed before their jobs exist.
+
+A streamed or collected request subscribes to its job's channel before it queues the job, so
+that no event can come before the subscription. Sent on the request's path, that
+``SSUBSCRIBE`` woke Redis (on a shared core it ran before the gateway went on) and cost the
+gateway a command's work: with the route shortcuts of ``gateway/entry.py``, ~0.09 ms of the
+first token's time (docs/benchmarks.md, round 11). So the multiplexer keeps, per model, a few
+ids whose channels it subscribed ahead, all of a model's in one ``SSUBSCRIBE`` per tick (one
+hash slot: the model's tag), and a request that follows its job takes one (``take``).
+
+The trade-off is idle subscriptions in Redis, bounded here: a model's spares are refilled to
+twice its demand (the ids asked for in a tick, decaying by a fifth a tick when fewer are), at
+least ``least`` and at most ``most``, and only for models asked for (at most ``MODELS`` of
+them; others get plain ids); spares beyond twice that are left. An id taken but never
+listened to (its request was refused by a later gate, or found its idempotent original) is
+left after ``UNCLAIMED_S``. Nothing depends on a spare for correctness: a listener that finds its channel
+not (or no longer) subscribed subscribes it as before.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Callable
+
+MODELS = 64  # models with spares of their own (a bound on what unknown traffic can pin)
+UNCLAIMED_S = 10.0  # an id taken this long ago and never listened to is left
+
+
+class SpareChannels:
+    """The ids themselves; the multiplexer subscribes and leaves their channels (``refill``,
+    once a tick)."""
+
+    __slots__ = ("channel_of", "demand", "least", "most", "pools", "taken", "took", "unclaimed_s")
+
+    def __init__(
+        self,
+        channel_of: Callable[[str, str], str],
+        *,
+        least: int = 4,
+        most: int = 256,
+        unclaimed_s: float = UNCLAIMED_S,
+    ) -> None:
+        self.channel_of = channel_of  # (model, job id) -> the job's event channel
+        self.least = least
+        self.most = most
+        self.unclaimed_s = unclaimed_s
+        self.pools: dict[str, list[str]] = {}  # model -> ids whose channels are subscribed
+        self.took: dict[str, int] = {}  # model -> ids asked for since the last refill
+        self.demand: dict[str, float] = {}  # model -> ids asked for a tick, decaying
+        self.taken: dict[str, float] = {}  # channel -> when its id was taken (monotonic)
+
+    def take(self, model: str) -> str:
+        """An id for a new job of ``model``: a spare when there is one, else a new one (and
+        the model gets spares from the next refill on, within ``MODELS``)."""
+        pool = self.pools.get(model)
+        if pool is None:
+            if len(self.pools) < MODELS:
+                self.pools[model], self.took[model], self.demand[model] = [], 1, 0.0
+            return uuid.uuid4().hex
+        self.took[model] += 1
+        if not pool:
+            return uuid.uuid4().hex
+        job_id = pool.pop()
+        self.taken[self.channel_of(model, job_id)] = time.monotonic()
+        return job_id
+
+    def claim(self, channel: str) -> bool:
+        """True when ``channel`` is a taken spare's, subscribed already: now its listener's."""
+        return self.taken.pop(channel, None) is not None
+
+    def refill(self) -> tuple[dict[str, list[str]], list[str]]:
+        """Per model, new ids to subscribe now (``add`` them once subscribed), and channels
+        to leave: a model's spares beyond twice its target once its demand fell, and ids
+        taken long ago and never listened to. A model's demand is the ids asked for in the
+        last tick, or a fifth less than before when fewer were."""
+        now = time.monotonic()
+        leave = [c for c, at in self.taken.items() if now - at > self.unclaimed_s]
+        for channel in leave:
+            del self.taken[channel]
+        new: dict[str, list[str]] = {}
+        for model, pool in self.pools.items():
+            demand = self.demand[model] = max(float(self.took[model]), self.demand[model] * 0.8)
+            self.took[model] = 0
+            target = min(self.most, max(self.least, math.ceil(2 * demand)))
+            if len(pool) < target:
+                new[model] = [uuid.uuid4().hex for _ in range(target - len(pool))]
+            while len(pool) > 2 * target:
+                leave.append(self.channel_of(model, pool.pop(0)))
+        return new, leave
+
+    def add(self, model: str, ids: list[str]) -> None:
+        self.pools[model].extend(ids)
