@@ -13,8 +13,8 @@ twice its demand (the ids asked for in a tick, decaying by a fifth a tick when f
 least ``least`` and at most ``most``, and only for models asked for (at most ``MODELS`` of
 them; others get plain ids); spares beyond twice that are left. An id taken but never
 listened to (its request was refused by a later gate, or found its idempotent original) is
-left after ``UNCLAIMED_S``. Nothing depends on a spare for correctness: a listener that finds its channel
-not (or no longer) subscribed subscribes it as before.
+left after ``UNCLAIMED_S``. Nothing depends on a spare for correctness: a listener that finds
+its channel not (or no longer) subscribed subscribes it as before.
 """
 
 from __future__ import annotations
