@@ -28,6 +28,7 @@ from typing import Any
 
 import structlog
 from redis.asyncio.connection import AbstractConnection
+from redis.crc import key_slot
 from redis.exceptions import RedisError, ResponseError
 
 from shared.aio import cancel_and_wait
@@ -114,15 +115,18 @@ class ShardedSubscriber:
             raise
 
     async def unsubscribe(self, channels: Iterable[str]) -> None:
-        """Leave ``channels``: one ``SUNSUBSCRIBE`` per link. A lost link forgets them anyway."""
-        by_link: dict[str, list[str]] = {}
+        """Leave ``channels``: one ``SUNSUBSCRIBE`` per link and hash slot (a Redis Cluster
+        node refuses one naming several slots with ``CROSSSLOT``, which the reader took for a
+        changed slot map: it dropped the link and sent every stream on it to the log). A lost
+        link forgets them anyway."""
+        by_slot: dict[tuple[str, int], list[str]] = {}
         for channel in channels:
             self.wanted.discard(channel)
             for link in self.links.values():
                 if channel in link.channels:
                     link.channels.discard(channel)
-                    by_link.setdefault(link.node, []).append(channel)
-        for node, names in by_link.items():
+                    by_slot.setdefault((link.node, key_slot(channel.encode())), []).append(channel)
+        for (node, _), names in by_slot.items():
             with contextlib.suppress(RedisError, OSError):
                 await self.links[node].send("SUNSUBSCRIBE", *names)
 
