@@ -3,29 +3,37 @@
 One ``WorkerMetrics`` per ``Worker``, with its own registry. Gauges read the worker's live
 state when scraped (capacity, jobs in flight, tokens/s), so nothing has to keep them in step;
 only finished jobs are counted as they happen. The server runs in the worker's event loop
-(``asyncio.start_server``) and stops with it: no thread, nothing left listening.
+(uvicorn, serving prometheus-client's ASGI app) and stops with it: no thread, nothing left
+listening.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
-from contextlib import suppress
+import contextlib
+import socket
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client import generate_latest as render
+import uvicorn
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from shared.aio import cancel_and_wait
 
 if TYPE_CHECKING:
     from worker.service import Worker
 
 log = structlog.get_logger("slipstream.worker")
-MAX_HEADER_LINES = 100
-READ_TIMEOUT_S = 5.0
+STOP_S = 3.0  # the most the metrics server's shutdown may take
 
 
 class _LiveCounter:
@@ -88,7 +96,7 @@ class WorkerMetrics:
         }
         ProcessCollector(registry=registry)
         GCCollector(registry=registry)
-        self._server: asyncio.Server | None = None
+        self._server: tuple[uvicorn.Server, asyncio.Task[None]] | None = None
 
     @classmethod
     def for_worker(cls, worker: Worker) -> WorkerMetrics:
@@ -125,46 +133,54 @@ class WorkerMetrics:
 
     # --- the /metrics server ------------------------------------------------------------
     async def start_server(self, port: int | None, host: str = "0.0.0.0") -> None:
-        """Serve ``GET /metrics`` on ``port`` (nothing when None)."""
+        """Serve the registry on ``port`` (nothing when None): prometheus-client's ASGI app,
+        served by uvicorn in this event loop. The socket is bound here, so a port in use is
+        an ``OSError`` at once; connections that come before uvicorn takes the socket wait
+        in its backlog."""
         if port is None or self._server is not None:
             return
-        self._server = await asyncio.start_server(self._handle, host, port)
-        log.info("metrics_listening", host=host, port=port)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family)
+        config = uvicorn.Config(
+            _scrape_app(self.registry),
+            interface="asgi3",
+            log_config=None,
+            log_level="warning",  # not its start and stop: they are the worker's to log
+            access_log=False,
+            proxy_headers=False,
+            lifespan="off",
+            timeout_graceful_shutdown=1,
+        )
+        server = _InLoopServer(config)
+        self._server = (server, asyncio.create_task(server.serve([sock]), name="metrics"))
+        log.info("metrics_listening", host=host, port=sock.getsockname()[1])
 
     async def stop_server(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-            with suppress(OSError):
-                await server.wait_closed()
+        if self._server is None:
+            return
+        (server, task), self._server = self._server, None
+        server.should_exit = True  # uvicorn looks every 0.1 s, then closes within its timeout
+        await asyncio.wait([task], timeout=STOP_S)
+        await cancel_and_wait([task])
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.warning("metrics_server_failed", error=repr(error))
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readline(), READ_TIMEOUT_S)
-            for _ in range(MAX_HEADER_LINES):
-                line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT_S)
-                if line in (b"\r\n", b"\n", b""):
-                    break
-            writer.write(self._respond(request))
-            await writer.drain()
-        except (TimeoutError, ConnectionError, ValueError):
-            pass
-        finally:
-            writer.close()
-            with suppress(OSError):
-                await writer.wait_closed()
 
-    def _respond(self, request_line: bytes) -> bytes:
-        parts = request_line.decode("latin-1").split()
-        path = parts[1].split("?")[0] if len(parts) >= 2 else ""
-        if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
-            status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET /metrics\n"
-        elif path in ("/metrics", "/"):
-            status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, render(self.registry)
-        else:
-            status, ctype, body = "404 Not Found", "text/plain", b"try /metrics\n"
-        head = (
-            f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n"
-        )
-        return head.encode("latin-1") + (b"" if parts[:1] == ["HEAD"] else body)
+def _scrape_app(registry: CollectorRegistry) -> Starlette:
+    """``GET`` (or ``HEAD``) ``/metrics`` or ``/``: the registry, in the format the scraper
+    asks for (prometheus-client's ``choose_encoder``); 404 elsewhere, 405 for other methods."""
+
+    async def scrape(request: Request) -> Response:
+        encode, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encode(registry), media_type=content_type)
+
+    return Starlette(routes=[Route("/metrics", scrape), Route("/", scrape)])
+
+
+class _InLoopServer(uvicorn.Server):
+    """uvicorn inside the worker's loop. Its ``serve`` takes SIGINT and SIGTERM for itself
+    while it runs (``capture_signals``); the worker handles those, so it keeps them."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
