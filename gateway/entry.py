@@ -1,20 +1,24 @@
 """``entry(app)``: the ASGI callable uvicorn serves, the gateway's app with the OpenAI routes
 called directly.
 
-A completion request passed through Starlette's stack runs six layers before its route:
-``ServerErrorMiddleware``, the request-context middleware, ``ExceptionMiddleware``, FastAPI's
-exit-stack middleware, the router (matching each route in turn) and the route's own exception
-wrapper. Each is cheap in a loop, but on the first token's path every step runs with cold
-caches (docs/benchmarks.md, round 10), and together they were ~35 µs of the gateway's CPU per
-request. So the routes in ``SHORTCUTS`` are matched here by method and exact path and their
-endpoint is called at once, with what those layers would have done for it done here:
+A completion request passed through FastAPI's stack runs eight layers before its route:
+``ServerErrorMiddleware``, FastAPI's telemetry and body-limit middleware (both idle here), the
+request-context middleware, ``ExceptionMiddleware``, FastAPI's exit-stack middleware, the
+router (matching each route in turn) and the route's own exception wrapper. Each is cheap in
+a loop, but on the first token's path every step runs with cold caches (docs/benchmarks.md,
+round 10), and together they were ~35 µs of the gateway's CPU per request; an open stream
+also held their frames for its whole life (~7 KB). So the routes in ``SHORTCUTS`` are
+matched here by method and exact path and their endpoint is called at once, with what those
+layers would have done for it done here:
 
 - each middleware's per-request work, through the ``begin(scope)`` it declares (a middleware
-  that declares none may do anything, so the app is then served as it is);
-- an exception the endpoint raises answered by the app's handler for its class (the nearest in
-  its MRO, as Starlette looks them up; an app with a handler keyed by status code is served as
-  it is). An exception raised while the response is written goes to the server, as it would
-  through Starlette once the response has started.
+  that declares none may do anything, so the app is then served as it is; so is an app with
+  a body-size limit of FastAPI's, or a handler keyed by status code);
+- an exception the endpoint raises answered by the app's handler for the nearest class in
+  its MRO, as ``ExceptionMiddleware`` does. One that only the catch-all (``Exception``)
+  handler takes is answered by it and then re-raised to the server, as
+  ``ServerErrorMiddleware`` does; so is one raised while the response is written (the
+  handler logs it; its answer cannot go out).
 
 Every other request takes the app's stack, with its SSE bodies sent straight to the server
 (``gateway.sse.direct_send``). ``tests/test_entry.py`` holds the two paths to the same answers.
@@ -29,7 +33,7 @@ from typing import Any
 import structlog
 from fastapi import FastAPI
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -68,9 +72,15 @@ def entry(app: FastAPI, shortcuts: Sequence[Route] = SHORTCUTS) -> ASGIApp:
 
 def _begins(app: FastAPI) -> list[Begin] | None:
     """Each middleware's per-request work, outermost first; None when one does not say what
-    it is, or the app has a handler keyed by status code (looked up only by Starlette)."""
+    it is, the app limits body sizes itself, or it has a handler keyed by status code (looked
+    up only by Starlette)."""
     hooks = [getattr(m.cls, "begin", None) for m in app.user_middleware]
-    if any(h is None for h in hooks) or any(isinstance(k, int) for k in app.exception_handlers):
+    limited = getattr(app, "max_body_size", None) is not None  # FastAPI's own body limit
+    if (
+        limited
+        or any(h is None for h in hooks)
+        or any(isinstance(k, int) for k in app.exception_handlers)
+    ):
         named = [getattr(m.cls, "__name__", repr(m.cls)) for m in app.user_middleware]
         log.warning("route_shortcuts_off", middleware=named)
         return None
@@ -92,16 +102,35 @@ async def _call(
     try:
         response = await endpoint(request)
     except Exception as exc:
-        response = await _handled(app, request, exc)
-    await response(scope, receive, send)
+        handler = _handler(app, exc)
+        if handler is None:  # as Starlette's outermost middleware: the catch-all's answer,
+            await (await _caught(app, request, exc))(scope, receive, send)
+            raise  # then the server's own handling (its log line)
+        response = await _answer(handler, request, exc)
+    try:
+        await response(scope, receive, send)
+    except Exception as exc:  # the response has started: the catch-all only sees it
+        await _caught(app, request, exc)
+        raise
 
 
-async def _handled(app: FastAPI, request: Request, exc: Exception) -> Response:
-    """The app's answer to ``exc`` (re-raised when it has no handler for it)."""
+def _handler(app: FastAPI, exc: Exception) -> Any:
+    """The app's handler for the nearest class in ``exc``'s MRO, the catch-all excepted."""
     for cls in type(exc).__mro__:
-        handler: Any = app.exception_handlers.get(cls)
-        if handler is not None:
-            answer = handler(request, exc)
-            response: Response = await answer if inspect.isawaitable(answer) else answer
-            return response
-    raise exc
+        if cls is not Exception and (handler := app.exception_handlers.get(cls)) is not None:
+            return handler
+    return None
+
+
+async def _caught(app: FastAPI, request: Request, exc: Exception) -> Response:
+    """The catch-all handler's answer (it logs), or Starlette's plain 500 without one."""
+    handler = app.exception_handlers.get(Exception)
+    if handler is None:
+        return PlainTextResponse("Internal Server Error", status_code=500)
+    return await _answer(handler, request, exc)
+
+
+async def _answer(handler: Any, request: Request, exc: Exception) -> Response:
+    answer = handler(request, exc)
+    response: Response = await answer if inspect.isawaitable(answer) else answer
+    return response

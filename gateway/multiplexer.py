@@ -218,9 +218,12 @@ class PubSubMultiplexer:
                 self.inline += 1
 
     def _lost(self, channels: Iterable[str]) -> None:
+        channels = list(channels)
         for channel in channels:
             for listener in self.listeners.get(channel, ()):
                 listener.mark_lagging()
+        if self.spares is not None:
+            self._leaving.update(self.spares.drop(channels))
 
     async def subscribe(self, channel: str) -> Listener:
         listener = Listener(channel, self.queue_size, self.deadlines)
@@ -262,7 +265,7 @@ class PubSubMultiplexer:
             except (RedisError, OSError):  # not worth a repair: a stream can do without
                 await self.subscriber.unsubscribe(channels)
                 continue
-            spares.add(model, ids)
+            self._leaving.update(spares.add(model, ids))
 
     async def _tick_loop(self) -> None:
         """Drives the ``Deadlines`` wheel that every stream's timeouts share, the batched

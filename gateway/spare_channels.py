@@ -13,7 +13,9 @@ twice its demand (the ids asked for in a tick, decaying by a fifth a tick when f
 least ``least`` and at most ``most``, and only for models asked for (at most ``MODELS`` of
 them; others get plain ids); spares beyond twice that are left. An id taken but never
 listened to (its request was refused by a later gate, or found its idempotent original) is
-left after ``UNCLAIMED_S``. Nothing depends on a spare for correctness: a listener that finds
+left after ``UNCLAIMED_S``; a model not asked for in ``IDLE_S`` loses its spares; spares whose
+connection is lost are dropped (a stream must not take one before it is subscribed again).
+Nothing depends on a spare for correctness: a listener that finds
 its channel not (or no longer) subscribed subscribes it as before.
 """
 
@@ -22,17 +24,29 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 MODELS = 64  # models with spares of their own (a bound on what unknown traffic can pin)
 UNCLAIMED_S = 10.0  # an id taken this long ago and never listened to is left
+IDLE_S = 60.0  # a model not asked for this long loses its spares (and its place)
 
 
 class SpareChannels:
     """The ids themselves; the multiplexer subscribes and leaves their channels (``refill``,
     once a tick)."""
 
-    __slots__ = ("channel_of", "demand", "least", "most", "pools", "taken", "took", "unclaimed_s")
+    __slots__ = (
+        "asked_at",
+        "channel_of",
+        "demand",
+        "idle_s",
+        "least",
+        "most",
+        "pools",
+        "taken",
+        "took",
+        "unclaimed_s",
+    )
 
     def __init__(
         self,
@@ -41,11 +55,14 @@ class SpareChannels:
         least: int = 4,
         most: int = 256,
         unclaimed_s: float = UNCLAIMED_S,
+        idle_s: float = IDLE_S,
     ) -> None:
         self.channel_of = channel_of  # (model, job id) -> the job's event channel
         self.least = least
         self.most = most
         self.unclaimed_s = unclaimed_s
+        self.idle_s = idle_s
+        self.asked_at: dict[str, float] = {}  # model -> when an id was last asked for
         self.pools: dict[str, list[str]] = {}  # model -> ids whose channels are subscribed
         self.took: dict[str, int] = {}  # model -> ids asked for since the last refill
         self.demand: dict[str, float] = {}  # model -> ids asked for a tick, decaying
@@ -58,8 +75,10 @@ class SpareChannels:
         if pool is None:
             if len(self.pools) < MODELS:
                 self.pools[model], self.took[model], self.demand[model] = [], 1, 0.0
+                self.asked_at[model] = time.monotonic()
             return uuid.uuid4().hex
         self.took[model] += 1
+        self.asked_at[model] = time.monotonic()
         if not pool:
             return uuid.uuid4().hex
         job_id = pool.pop()
@@ -79,6 +98,9 @@ class SpareChannels:
         leave = [c for c, at in self.taken.items() if now - at > self.unclaimed_s]
         for channel in leave:
             del self.taken[channel]
+        for model in [m for m, at in self.asked_at.items() if now - at > self.idle_s]:
+            leave += [self.channel_of(model, i) for i in self.pools.pop(model)]
+            del self.took[model], self.demand[model], self.asked_at[model]
         new: dict[str, list[str]] = {}
         for model, pool in self.pools.items():
             demand = self.demand[model] = max(float(self.took[model]), self.demand[model] * 0.8)
@@ -90,5 +112,20 @@ class SpareChannels:
                 leave.append(self.channel_of(model, pool.pop(0)))
         return new, leave
 
-    def add(self, model: str, ids: list[str]) -> None:
-        self.pools[model].extend(ids)
+    def add(self, model: str, ids: list[str]) -> list[str]:
+        """Ids whose channels were subscribed (a model retired meanwhile: left at once)."""
+        pool = self.pools.get(model)
+        if pool is not None:
+            pool.extend(ids)
+            return []
+        return [self.channel_of(model, i) for i in ids]
+
+    def drop(self, channels: Iterable[str]) -> list[str]:
+        """Forget the spares among ``channels``, whose connection was lost: none may be taken
+        before it is subscribed again. Returns their channels (to leave)."""
+        lost, out = set(channels), []
+        for model, pool in self.pools.items():
+            named = [(i, self.channel_of(model, i)) for i in pool]
+            pool[:] = [i for i, channel in named if channel not in lost]
+            out += [channel for _, channel in named if channel in lost]
+        return out

@@ -45,7 +45,7 @@ class Accepted:
 async def accept(request: Request, kind: Kind | None, *, follow: bool = False) -> Accepted:
     """Validate and admit a request. ``kind=None`` (the job API) decides by the body:
     ``messages`` is chat, else completion. ``follow``: the caller will listen to the job's
-    events (the OpenAI routes), so once admission lets it in, the job takes an id whose
+    events (the OpenAI routes), so once every gate has let it in, the job takes an id whose
     channel is subscribed already (``gateway/spare_channels.py``)."""
     state = gateway_state(request)
     if state.draining:
@@ -70,12 +70,12 @@ async def accept(request: Request, kind: Kind | None, *, follow: bool = False) -
     await ensure_known_model(state, job.model)
     try:
         await state.admission.check(job)  # 400 context / 429 deadline or queue full
-        if follow:  # nothing has used the id ``build_job`` gave it
-            job.id = state.mux.job_id(job.model)
         rate_headers = await state.limits.charge(api_key_of(request), job)  # 429
     except Overloaded as exc:
         state.metrics.rejected(job.model, exc.code)
         raise
+    if follow:  # only the charge used the id ``build_job`` gave it, to name itself
+        job.id = state.mux.job_id(job.model)
     state.admission.admit(job)  # counted only once every gate passed
     return Accepted(state, job, body.stream, rate_headers)
 
