@@ -85,3 +85,18 @@ async def test_a_key_still_being_submitted_is_409_until_it_is_stale(
     taken = await client.post("/v1/jobs", json=CHAT, headers={"Idempotency-Key": "order-9"})
     assert taken.status_code == 202
     assert json.loads(await redis.get(name))["job"] == taken.json()["id"]
+
+
+async def test_a_bad_header_refused_after_the_gates_leaves_the_key_free(
+    client: httpx.AsyncClient,
+) -> None:
+    """``X-Cancel-On-Disconnect`` is checked before the key is bound: the corrected retry is
+    submitted, not held up by a key bound to a job that was never queued."""
+    headers = {"Idempotency-Key": "order-header"}
+    bad = await client.post(
+        "/v1/chat/completions", json=CHAT, headers={**headers, "X-Cancel-On-Disconnect": "maybe"}
+    )
+    assert bad.status_code == 400 and "X-Cancel-On-Disconnect" in bad.text
+    good = await client.post("/v1/chat/completions", json=CHAT, headers=headers)
+    assert good.status_code == 200, good.text
+    assert good.json()["choices"][0]["finish_reason"] == "length"

@@ -54,12 +54,13 @@ documented.add_api_route(
 async def generate(request: Request, kind: Kind) -> Response:
     accepted = await accept(request, kind, follow=True)
     state, job, stream = accepted.state, accepted.job, accepted.stream
+    cancel = cancel_on_disconnect(request)  # a 400 before the key is bound to the job
     existing, binding = await claim_idempotency_key(state, request, job)
     submit = existing is None
     if existing is not None:
         job = existing
     headers = accepted.headers(job)
-    cancel = cancel_on_disconnect(request) and submit
+    cancel = cancel and submit
     dispatch = new_dispatch(state, job, submit=submit, cancel_on_exit=cancel)
     bind_job(job)
     observer = dispatch.observer = state.metrics.observe(dispatch.job, stream=stream, timed=submit)
