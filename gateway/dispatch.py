@@ -132,16 +132,22 @@ class Dispatch:
     ) -> None:
         await self.close()
 
-    async def next(self, timeout: float = 1.0) -> list[Event]:
-        """The next events; ``[]`` after ``timeout`` seconds of quiet (time for a progress note)."""
+    async def next(self, timeout: float = 1.0, *, slide: float = 0.0) -> list[Event]:
+        """The next events; ``[]`` after ``timeout`` seconds of quiet (time for a progress note).
+        ``slide``: while the inline relay writes, the wait lasts until ``slide`` seconds after
+        its last write instead (``Listener.wait_until``)."""
         end = time.monotonic() + timeout
         while not self.finished:
             try:
                 if self._past_deadline():
                     await self._expire()
                 now = time.monotonic()
-                wake = min(end, self._check_at(now), now + self._left_s())
-                events = await self.events.next_until(wake)
+                hard = now + self._left_s()
+                wake = min(end, self._check_at(now), hard)
+                # every deadline but the job's own moves on with each event: the relay's quiet
+                # (``timeout``), the stall check, the log's belt
+                slid = min(slide, self.stall_timeout_s) if slide and self.started else 0.0
+                events = await self.events.next_until(wake, slide=slid, hard=hard)
                 if events:
                     self.note(events)
                     return events

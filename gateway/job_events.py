@@ -16,6 +16,7 @@ that can publish on the channel but does not hold the claim cannot splice text i
 
 from __future__ import annotations
 
+import math
 import time
 from types import TracebackType
 from typing import cast
@@ -103,8 +104,11 @@ class JobEvents:
         """New events in order (empty after ``timeout`` seconds without any)."""
         return await self.next_until(time.monotonic() + timeout)
 
-    async def next_until(self, end: float) -> list[Event]:
-        """New events in order (empty at ``end``, monotonic seconds, without any)."""
+    async def next_until(
+        self, end: float, *, slide: float = 0.0, hard: float = math.inf
+    ) -> list[Event]:
+        """New events in order (empty at ``end``, monotonic seconds, without any). ``slide``
+        and ``hard``: ``end`` moves with events the inline relay takes (``Listener``)."""
         assert self.listener is not None
         while True:
             if self.needs_log or self.listener.lagging:
@@ -124,7 +128,8 @@ class JobEvents:
             # quiet for ``poll_s``: make sure nothing was missed (pub/sub only loses messages
             # on a disconnect, which marks the listener anyway; this is the belt to it). Events
             # the inline relay took meanwhile count: they move the belt's time on.
-            if not await self.listener.wait_until(min(end, self._belt_at())):
+            slid = min(slide, self.poll_s) if slide else 0.0  # the belt slides too
+            if not await self.listener.wait_until(min(end, self._belt_at()), slide=slid, hard=hard):
                 self.needs_log = time.monotonic() >= self._belt_at()
 
     def _belt_at(self) -> float:

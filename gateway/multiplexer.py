@@ -87,10 +87,12 @@ class Listener:
         "armed",
         "channel",
         "deadlines",
+        "hard",
         "lagging",
         "queue",
         "sink",
         "size",
+        "slide",
         "until",
         "waiter",
     )
@@ -103,6 +105,8 @@ class Listener:
         self.lagging = False
         self.waiter: asyncio.Future[None] | None = None
         self.until = 0.0  # the current wait's deadline (monotonic)
+        self.slide = 0.0  # ... moved to this long after each message the sink takes
+        self.hard = math.inf  # ... but never past this
         self.armed = math.inf  # when the wheel will next look at this listener
         # Offered each delivery while the stream's reader waits with nothing queued; True
         # means it took the message (``gateway/inline_relay.py``), so nobody is woken.
@@ -114,6 +118,8 @@ class Listener:
         if sink is not None and self.waiter is not None and not self.queue and not self.lagging:
             try:
                 if sink(data):
+                    if self.slide:  # the stream was not quiet: its wait ends later
+                        self.until = min(self.hard, max(self.until, time.monotonic() + self.slide))
                     return True
             except (Exception, asyncio.CancelledError):  # raised by the sink itself (nothing
                 # is cancelled in the middle of a plain call): the task's path takes the
@@ -140,12 +146,18 @@ class Listener:
         """Wait up to ``timeout`` seconds for a delivery; False when none came."""
         return await self.wait_until(time.monotonic() + timeout)
 
-    async def wait_until(self, until: float) -> bool:
+    async def wait_until(self, until: float, *, slide: float = 0.0, hard: float = math.inf) -> bool:
         """Wait until ``until`` (monotonic, at most a tick late) for a delivery; False when
-        none came. No timer of its own: the wheel wakes it."""
+        none came. No timer of its own: the wheel wakes it.
+
+        ``slide``: each message the sink takes moves ``until`` to ``slide`` seconds after it
+        (never earlier, never past ``hard``). For a wait whose every deadline is "so long
+        after the last event" but ``hard``: at 10,000 streams each woke its task every ping
+        period only to find the sink had written meanwhile (a fifth as many wake-ups as
+        events)."""
         if self.queue or self.lagging:
             return True
-        self.until = until
+        self.until, self.slide, self.hard = until, slide, hard
         if until < self.armed:  # already armed for an earlier time: that expiry re-arms
             self.armed = until
             self.deadlines.add(until, self)

@@ -137,7 +137,8 @@ async def relay(
             wait = quiet_since + ping_s - time.monotonic()
             if not dispatch.started:  # queued: back for the next progress note
                 wait = min(state.settings.progress_s, ping_s)
-            events = await dispatch.next(timeout=max(wait, 0.0))
+            # a frame written inline moves the next ping on: no wake-up to find that out
+            events = await dispatch.next(timeout=max(wait, 0.0), slide=ping_s)
             for frame in frames_of(events, writer, dispatch, cut):
                 yield frame
             if events:

@@ -5,8 +5,10 @@ batches at the next tick (a stream that comes back first keeps the subscription)
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
+import pytest
 from redis.asyncio import Redis
 
 from gateway.multiplexer import TICK_S, Deadlines, PubSubMultiplexer
@@ -91,3 +93,36 @@ def test_a_failing_item_does_not_stop_the_others() -> None:
     wheel.add(start, seen)
     wheel.fire(start + 0.2)
     assert len(seen.at) == 1
+
+
+@pytest.mark.parametrize("hard", [False, True])
+async def test_messages_the_sink_takes_move_a_sliding_wait_on(redis: Redis, hard: bool) -> None:
+    """A wait with ``slide`` ends ``slide`` after the last message its sink took, not at its
+    first deadline (a stream written inline is not woken to find it was not quiet), and never
+    after ``hard``."""
+    mux = PubSubMultiplexer(redis, queue_size=4)
+    await mux.start()
+    try:
+        listener = await mux.subscribe("chan-slide")
+        taken: list[str] = []
+        listener.sink = lambda data: taken.append(data) is None  # takes every message
+        began = time.monotonic()
+        limit = began + 0.6 if hard else math.inf
+
+        async def timed() -> tuple[bool, float]:
+            came = await listener.wait_until(began + 0.3, slide=0.3, hard=limit)
+            return came, time.monotonic() - began
+
+        wait = asyncio.create_task(timed())
+        for i in range(10):  # one message every 0.1 s for 1 s, each taken by the sink
+            await redis.spublish("chan-slide", str(i))
+            await asyncio.sleep(0.1)
+        came, waited = await asyncio.wait_for(wait, 5.0)
+        assert not came
+        if hard:
+            assert 0.6 <= waited <= 0.6 + 4 * TICK_S + 0.2
+        else:  # 0.3 s after the last message (sent at ~0.9 s)
+            assert 1.2 <= waited <= 1.3 + 4 * TICK_S + 0.2
+            assert len(taken) == 10 and listener.take() == []
+    finally:
+        await mux.close()
