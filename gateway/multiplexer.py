@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -187,7 +186,7 @@ class PubSubMultiplexer:
     """Every stream's subscription, over one ``ShardedSubscriber`` (a pub/sub connection per
     Redis node owning subscribed channels: one on a single server, one per shard in Redis
     Cluster). A lost connection sends its channels' streams to their logs (``on_lost``).
-    With ``spares``, new jobs' channels are subscribed ahead (``job_id``)."""
+    With ``spares``, new jobs' channels are subscribed ahead (``spare_id``)."""
 
     def __init__(
         self, redis: RedisClient, *, queue_size: int, spares: SpareChannels | None = None
@@ -218,10 +217,10 @@ class PubSubMultiplexer:
         await cancel_and_wait(self._tasks)
         await self.subscriber.close()
 
-    def job_id(self, model: str) -> str:
-        """An id for a new job of ``model`` whose events a stream here will follow: with
-        spares, one whose channel is subscribed already when there is one."""
-        return uuid.uuid4().hex if self.spares is None else self.spares.take(model)
+    def spare_id(self, model: str) -> str | None:
+        """An id for a new job of ``model`` whose events a stream here will follow, whose
+        channel is subscribed already; None when there is none (or no spares are kept)."""
+        return None if self.spares is None else self.spares.take(model)
 
     def _deliver(self, channel: str, data: str) -> None:
         for listener in self.listeners.get(channel, ()):

@@ -6,7 +6,8 @@ that no event can come before the subscription. Sent on the request's path, that
 gateway a command's work: with the route shortcuts of ``gateway/entry.py``, ~0.09 ms of the
 first token's time (docs/benchmarks.md, round 11). So the multiplexer keeps, per model, a few
 ids whose channels it subscribed ahead, all of a model's in one ``SSUBSCRIBE`` per tick (one
-hash slot: the model's tag), and a request that follows its job takes one (``take``).
+hash slot: the model's tag), and a request that follows its job takes one (``take``) in
+place of the id it was built with.
 
 The trade-off is idle subscriptions in Redis, bounded here: a model's spares are refilled to
 twice its demand (the ids asked for in a tick, decaying by a fifth a tick when fewer are), at
@@ -15,8 +16,8 @@ them; others get plain ids); spares beyond twice that are left. An id taken but 
 listened to (its request was refused by a later gate, or found its idempotent original) is
 left after ``UNCLAIMED_S``; a model not asked for in ``IDLE_S`` loses its spares; spares whose
 connection is lost are dropped (a stream must not take one before it is subscribed again).
-Nothing depends on a spare for correctness: a listener that finds
-its channel not (or no longer) subscribed subscribes it as before.
+Nothing depends on a spare for correctness: a listener that finds its channel not (or no
+longer) subscribed subscribes it as before.
 """
 
 from __future__ import annotations
@@ -68,21 +69,21 @@ class SpareChannels:
         self.demand: dict[str, float] = {}  # model -> ids asked for a tick, decaying
         self.taken: dict[str, float] = {}  # channel -> when its id was taken (monotonic)
 
-    def take(self, model: str) -> str:
-        """An id for a new job of ``model``: a spare when there is one, else a new one (and
-        the model gets spares from the next refill on, within ``MODELS``)."""
-        pool = self.pools.get(model)
+    def take(self, model: str) -> str | None:
+        """A spare id for a new job of ``model``, or None when there is none (the model gets
+        spares from the next refill on, within ``MODELS``)."""
+        now, pool = time.monotonic(), self.pools.get(model)
         if pool is None:
             if len(self.pools) < MODELS:
                 self.pools[model], self.took[model], self.demand[model] = [], 1, 0.0
-                self.asked_at[model] = time.monotonic()
-            return uuid.uuid4().hex
+                self.asked_at[model] = now
+            return None
         self.took[model] += 1
-        self.asked_at[model] = time.monotonic()
+        self.asked_at[model] = now
         if not pool:
-            return uuid.uuid4().hex
+            return None
         job_id = pool.pop()
-        self.taken[self.channel_of(model, job_id)] = time.monotonic()
+        self.taken[self.channel_of(model, job_id)] = now
         return job_id
 
     def claim(self, channel: str) -> bool:

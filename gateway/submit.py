@@ -74,8 +74,9 @@ async def accept(request: Request, kind: Kind | None, *, follow: bool = False) -
     except Overloaded as exc:
         state.metrics.rejected(job.model, exc.code)
         raise
-    if follow:  # only the charge used the id ``build_job`` gave it, to name itself
-        job.id = state.mux.job_id(job.model)
+    # only the charge used the id ``build_job`` gave the job, to name itself
+    if follow and (spare := state.mux.spare_id(job.model)) is not None:
+        job.id = spare
     state.admission.admit(job)  # counted only once every gate passed
     return Accepted(state, job, body.stream, rate_headers)
 

@@ -25,17 +25,16 @@ def channel(model: str, job_id: str) -> str:
 
 def test_a_model_gets_spares_from_the_refill_after_it_is_first_asked_for() -> None:
     spares = SpareChannels(channel, least=2)
-    first = spares.take("m")
+    assert spares.take("m") is None  # none yet: the job keeps the id it was built with
     new, leave = spares.refill()
     assert list(new) == ["m"] and len(new["m"]) == 2 and leave == []
-    assert first not in new["m"]
     spares.add("m", new["m"])
     got = {spares.take("m"), spares.take("m")}
     assert got == set(new["m"])
-    assert spares.take("m") not in got  # none left: a new id
+    assert spares.take("m") is None  # none left
     assert all(spares.claim(channel("m", i)) for i in got)
     assert not any(spares.claim(channel("m", i)) for i in got)  # once only
-    assert not spares.claim(channel("m", first))  # never a spare
+    assert not spares.claim(channel("m", "never-a-spare"))
 
 
 def test_the_pool_follows_demand_within_its_bounds() -> None:
@@ -121,20 +120,21 @@ async def test_a_spare_channel_is_subscribed_before_its_job_exists(redis: Redis)
     sent = _Recording(mux).sent
     await mux.start()
     try:
-        mux.job_id("sim-model")  # the first: a plain id, and the model gets spares
+        assert mux.spare_id("sim-model") is None  # the first: none, and the model gets spares
         deadline = time.monotonic() + 5
         while not mux.spares or len(mux.spares.pools.get("sim-model", [])) < 3:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.02)
         assert len(sent) == 1 and len(sent[0]) >= 3  # all in one SSUBSCRIBE
-        job_id = mux.job_id("sim-model")
+        job_id = mux.spare_id("sim-model")
+        assert job_id is not None
         name = keys.job_channel("sim-model", job_id)
         assert name in await redis.execute_command("PUBSUB", "SHARDCHANNELS")
         listener = await mux.subscribe(name)
         assert not any(name in channels for channels in sent[1:])  # no SSUBSCRIBE of its own
         await redis.execute_command("SPUBLISH", name, "hello")
         assert await listener.wait(5.0) and listener.take() == ["hello"]
-        unclaimed = keys.job_channel("sim-model", mux.job_id("sim-model"))
+        unclaimed = keys.job_channel("sim-model", str(mux.spare_id("sim-model")))
         while unclaimed in await redis.execute_command("PUBSUB", "SHARDCHANNELS"):
             assert time.monotonic() < deadline  # left once ``unclaimed_s`` passed
             await asyncio.sleep(0.05)

@@ -3,7 +3,7 @@
 One ``WorkerMetrics`` per ``Worker``, with its own registry. Gauges read the worker's live
 state when scraped (capacity, jobs in flight, tokens/s), so nothing has to keep them in step;
 only finished jobs are counted as they happen. The server runs in the worker's event loop
-(uvicorn, serving prometheus-client's ASGI app) and stops with it: no thread, nothing left
+(uvicorn, serving a two-route Starlette app) and stops with it: no thread, nothing left
 listening.
 """
 
@@ -133,8 +133,8 @@ class WorkerMetrics:
 
     # --- the /metrics server ------------------------------------------------------------
     async def start_server(self, port: int | None, host: str = "0.0.0.0") -> None:
-        """Serve the registry on ``port`` (nothing when None): prometheus-client's ASGI app,
-        served by uvicorn in this event loop. The socket is bound here, so a port in use is
+        """Serve the registry on ``port`` (nothing when None), by uvicorn in this event loop
+        (``_scrape_app``). The socket is bound here, so a port in use is
         an ``OSError`` at once; connections that come before uvicorn takes the socket wait
         in its backlog."""
         if port is None or self._server is not None:
