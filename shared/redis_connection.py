@@ -10,7 +10,8 @@ and the transport's buffer is empty (so ``drain()`` would return at once); every
 redis-py's own path, timeout included. No wait is left without a timeout: bytes a server
 does not read stay in the buffer, the next command takes redis-py's path (its ``drain()``
 under ``wait_for``), and the reply's read has its own timeout. A failed write disconnects and
-raises ``ConnectionError``, as redis-py's does, so the retry policy applies unchanged.
+raises ``ConnectionError``, as redis-py's does, so the retry policy applies unchanged; so
+does one on redis-py's path that uvloop refuses with a ``RuntimeError`` (a closed transport).
 
 The same classes pack commands with hiredis's C packer (``hiredis.pack_command``) where it
 takes the arguments, str, bytes, int and float, which is every command Slipstream sends:
@@ -78,7 +79,13 @@ class _WriteNow(AbstractConnection):
             or writer.transport.get_write_buffer_size()
             or (due and asyncio.get_running_loop().time() > self.next_health_check)
         ):
-            await super().send_packed_command(command, check_health)
+            try:
+                await super().send_packed_command(command, check_health)
+            except RuntimeError as exc:  # uvloop's closed transport, which redis-py passes on
+                # as it is (it has disconnected): a stream reading its log during a Redis
+                # restart died of it instead of retrying (a connection's handshake on a
+                # socket the restarting server had just closed)
+                raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc
             return
         if isinstance(command, str):
             command = command.encode()

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio.connection import Connection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -47,6 +48,46 @@ async def test_a_write_the_socket_cannot_take_at_once_waits_for_it(redis_url: st
         assert await client.strlen("big") in (0, len(big))  # on another pooled connection
         assert await first is True
         assert await client.strlen("big") == len(big)
+    finally:
+        await client.aclose()
+
+
+class _ClosedWriter:
+    """A stream writer whose transport uvloop has closed, with bytes still buffered (so the
+    write takes redis-py's path): uvloop raises ``RuntimeError``, not ``OSError``."""
+
+    class transport:
+        @staticmethod
+        def is_closing() -> bool:
+            return False
+
+        @staticmethod
+        def get_write_buffer_size() -> int:
+            return 1
+
+    def writelines(self, data: Any) -> None:
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+
+    def close(self) -> None:
+        pass
+
+
+async def test_a_write_uvloop_refuses_on_redis_pys_path_is_a_connection_error(
+    redis_url: str,
+) -> None:
+    """redis-py passes uvloop's ``RuntimeError`` on as it is; callers that ride out Redis
+    outages catch ``RedisError``/``OSError``, so it must arrive as a ``ConnectionError``."""
+    client = connect(redis_url)
+    try:
+        connection = await client.connection_pool.get_connection()
+        real, connection._writer = connection._writer, _ClosedWriter()  # type: ignore[assignment]
+        with pytest.raises(RedisConnectionError):
+            await connection.send_packed_command(b"*1\r\n$4\r\nPING\r\n")
+        assert real is not None
+        real.close()  # the stand-in was closed by the disconnect, not the socket
+        await real.wait_closed()
+        await client.connection_pool.release(connection)
+        assert await client.ping()  # a new connection serves the next command
     finally:
         await client.aclose()
 
