@@ -64,6 +64,7 @@ def _sink(
         if n:
             if timing.first is None:
                 timing.first = now
+                result.ttft_ms = (now - timing.start) * 1000  # known while the stream runs
             else:
                 result.itl_ms.append((now - timing.last) * 1000)
             result.itl_ms.extend([0.0] * (n - 1))  # tokens that arrived in the same read

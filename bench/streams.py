@@ -29,6 +29,8 @@ from bench.stamper import Stamper
 from bench.stats import percentile
 from bench.trace import TraceRequest
 
+STREAM_WORKERS = 4  # simulated workers behind the gateway (``_one_count``)
+
 
 async def _loop_lag(stop: asyncio.Event, lags: list[float]) -> None:
     """The load generator's own event-loop lag (sleep overshoot), for context."""
@@ -116,6 +118,20 @@ async def _wait_open(results: list[Result], timeout: float) -> float:
     return sum(1 for r in results if r.status == 200)
 
 
+async def _wait_started(results: list[Result], timeout: float) -> tuple[int, float]:
+    """Wait until every open stream has had its first token, so the hold measures streams that
+    all deliver (a queued stream sends only progress notes and reads its log now and then):
+    how many had, and the seconds it took. A worker on a full core starts jobs more slowly
+    than the ramp opens them; at 10,000 streams a quarter were still queued when it ended."""
+    started, end = time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() < end:
+        if all(r.ttft_ms is not None for r in results if r.status == 200):
+            break
+        await asyncio.sleep(0.2)
+    running = sum(1 for r in results if r.status == 200 and r.ttft_ms is not None)
+    return running, round(time.monotonic() - started, 1)
+
+
 async def _hold(arm: SlipstreamArm, plan: Any) -> tuple[list[int], dict[str, Any]]:
     """Sample the gateway's RSS while the probe runs; also the CPU cores each component used."""
     assert arm.gateway is not None
@@ -159,7 +175,13 @@ async def _one_count(
     gw_env: dict[str, str],
     cpus: tuple[frozenset[int] | None, frozenset[int] | None],
 ) -> dict[str, Any]:
-    fleet = [Backend("streamer", slots=n + 64, tokens_per_s=1.0, ttft_ms=0.0)]
+    # Several workers: one pulls a job per round trip, and on the load generator's full core a
+    # round trip takes milliseconds, so one worker started jobs more slowly than the ramp
+    # opened them. Together they have room for every stream.
+    k = STREAM_WORKERS
+    fleet = [
+        Backend(f"streamer-{i}", slots=n // k + 64, tokens_per_s=1.0, ttft_ms=0.0) for i in range(k)
+    ]
     ramp_s = n / plan.stream_ramp_per_s
     tokens = int(ramp_s + plan.stream_hold_s + 60)
     arm = SlipstreamArm(
@@ -177,6 +199,7 @@ async def _one_count(
             results, tasks = await _open(arm.target(), n - sample, plan, tokens)
             opened = await _wait_open(results, 30 + ramp_s)
             opened += await stamper.opened(60 + ramp_s)
+            running, start_wait_s = await _wait_started(results, 60 + ramp_s)
             await asyncio.sleep(2.0)  # let the ramp's burst settle
             since = time.time()
             rss, probe = await _hold(arm, plan)
@@ -192,6 +215,8 @@ async def _one_count(
     return {
         "streams": n,
         "opened": opened,
+        "running_of_unsampled": running,  # had their first token before the hold
+        "start_wait_s": start_wait_s,
         "errors": sorted({r.error for r in results if r.error} | sampled.errors)[:3],
         "rss_baseline_mb": round(baseline / 2**20, 1),
         "rss_plateau_mb": round(plateau / 2**20, 1),
