@@ -261,7 +261,9 @@ def streams_md(results: dict[str, Any]) -> str:
     assert section is not None
     out += (
         f"Each stream: 1 token/s, SSE ping every {section['ping_s']:.0f} s; streams opened at "
-        f"{section['ramp_per_s']:.0f}/s, then measured while all are open. Memory = gateway RSS "
+        f"{section['ramp_per_s']:.0f}/s behind {section.get('workers', 1)} simulated workers; "
+        'once every stream had its first token ("running": of the load generator\'s, the '
+        "stamper's sample aside), measured while all are open. Memory = gateway RSS "
         "at the plateau minus before the ramp, per open stream. Delivery = publish (Redis "
         "timestamp of the event-log entry written with the SPUBLISH) to client arrival. "
         "Loop lag = `GET /healthz` round trip from a separate probe process. Gateway µs/event "
@@ -271,13 +273,14 @@ def streams_md(results: dict[str, Any]) -> str:
     rows = []
     for r in section["rows"]:
         if "failed" in r:
-            rows.append([str(r["streams"]), "failed", r["failed"][:120], *[""] * 6])
+            rows.append([str(r["streams"]), "failed", r["failed"][:120], *[""] * 7])
             continue
         h = r["healthz"]
         rows.append(
             [
                 str(r["streams"]),
                 f"{r['opened']:.0f}",
+                _running(r),
                 _f(r["kb_per_stream"]),
                 f"{_f(r['delivery_p50_ms'])} / {_f(r['delivery_p99_ms'])}",
                 f"{_f(h.get('p50_ms'))} / {_f(h.get('p99_ms'))}",
@@ -290,6 +293,7 @@ def streams_md(results: dict[str, Any]) -> str:
     header = [
         "streams",
         "opened",
+        "running (wait s)",
         "KB/stream",
         "delivery p50 / p99 ms",
         "healthz p50 / p99 ms",
@@ -299,6 +303,13 @@ def streams_md(results: dict[str, Any]) -> str:
         "CPU cores used",
     ]
     return out + _table(header, rows) + "\n![Streams](bench_streams.png)\n\n"
+
+
+def _running(row: dict[str, Any]) -> str:
+    """How many of the load generator's streams had their first token before the hold."""
+    if "running_of_unsampled" not in row:
+        return "-"
+    return f"{row['running_of_unsampled']}/{row['unsampled']} ({_f(row['start_wait_s'])})"
 
 
 def _pinned(section: dict[str, Any]) -> str:

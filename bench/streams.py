@@ -216,6 +216,7 @@ async def _one_count(
         "streams": n,
         "opened": opened,
         "running_of_unsampled": running,  # had their first token before the hold
+        "unsampled": n - sample,  # the load generator's (the stamper holds the rest)
         "start_wait_s": start_wait_s,
         "errors": sorted({r.error for r in results if r.error} | sampled.errors)[:3],
         "rss_baseline_mb": round(baseline / 2**20, 1),
@@ -249,4 +250,9 @@ async def run_streams(plan: Any, workdir: Path) -> dict[str, Any]:
             rows.append({"streams": n, "failed": f"{type(exc).__name__}: {exc}"[:500]})
             print(f"streams {n}: {exc}", file=sys.stderr)
             break
-    return {"rows": rows, "ping_s": plan.stream_ping_s, "ramp_per_s": plan.stream_ramp_per_s}
+    return {
+        "rows": rows,
+        "ping_s": plan.stream_ping_s,
+        "ramp_per_s": plan.stream_ramp_per_s,
+        "workers": STREAM_WORKERS,
+    }
