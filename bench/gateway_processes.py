@@ -13,7 +13,8 @@ alternated (N=1, N=2, N=1, N=2 ...) and the medians reported with their spread:
   supervisor and its children together, ``per_process_cores`` each child), CPU µs per token,
   the gateway's share of all CPU used, and what one gateway core relays at its measured cost.
 - Streams held: ``--hold`` streams at 1 token/s each (SSE pings on), opened at
-  ``--ramp`` per second, then held ``--hold-s`` seconds: how many opened, the gateway's RSS
+  ``--ramp`` per second behind ``bench.streams``' simulated workers, then, once every stream
+  had its first token, held ``--hold-s`` seconds: how many opened, the gateway's RSS
   growth per stream (all its processes summed), delivery latency from publish to client
   (``bench.streams``' method) and the ``/healthz`` round trip from a separate probe process.
 
@@ -47,7 +48,15 @@ from bench.process import PYTHON, own_cpu_seconds, wait_until
 from bench.result import Result
 from bench.stamper import Stamper
 from bench.stats import combine, percentile
-from bench.streams import _delivery, _loop_lag, _open, _probe, _wait_open
+from bench.streams import (
+    _delivery,
+    _loop_lag,
+    _open,
+    _probe,
+    _wait_open,
+    stream_fleet,
+    wait_started,
+)
 
 T = TypeVar("T")
 
@@ -276,7 +285,7 @@ def _relay_row(
 
 async def hold_once(plan: Plan, n: int, count: int, workdir: Path) -> dict[str, Any]:
     """Open ``count`` slow streams through ``n`` gateway processes and hold them."""
-    fleet = [Backend("streamer", slots=count + 64, tokens_per_s=1.0, ttft_ms=0.0)]
+    fleet = stream_fleet(count)
     ramp_s = count / plan.stream_ramp_per_s
     tokens = int(ramp_s + plan.hold_s + 60)
     async with _arm(plan, n, fleet, workdir) as arm:
@@ -292,6 +301,7 @@ async def hold_once(plan: Plan, n: int, count: int, workdir: Path) -> dict[str, 
             results, tasks = await _open(arm.target(), count - sample, plan, tokens)
             opened = await _wait_open(results, 30 + ramp_s)
             opened += await stamper.opened(60 + ramp_s)
+            running, start_wait_s = await wait_started(results, tasks, 60 + ramp_s)
             await asyncio.sleep(2.0)  # let the ramp's burst settle
             since = time.time()
             rss, probe, cores = await _hold(arm, plan)
@@ -309,6 +319,8 @@ async def hold_once(plan: Plan, n: int, count: int, workdir: Path) -> dict[str, 
         "processes": n,
         "streams": count,
         "opened": opened,
+        "running_of_unsampled": running,  # had their first token before the hold
+        "start_wait_s": start_wait_s,
         "errors": sorted({r.error for r in results if r.error} | sampled.errors)[:3],
         "rss_baseline_mb": round(baseline / 2**20, 1),
         "uss_baseline_mb": round(baseline_uss / 2**20, 1),

@@ -261,11 +261,10 @@ def streams_md(results: dict[str, Any]) -> str:
     assert section is not None
     out += (
         f"Each stream: 1 token/s, SSE ping every {section['ping_s']:.0f} s; streams opened at "
-        f"{section['ramp_per_s']:.0f}/s behind {section.get('workers', 1)} simulated workers; "
-        'once every stream had its first token ("running": of the load generator\'s, the '
-        "stamper's sample aside), measured while all are open. Memory = gateway RSS "
-        "at the plateau minus before the ramp, per open stream. Delivery = publish (Redis "
-        "timestamp of the event-log entry written with the SPUBLISH) to client arrival. "
+        f"{section['ramp_per_s']:.0f}/s{_started(section)}, then measured while all are open. "
+        "Memory = gateway RSS at the plateau minus before the ramp, per open stream. "
+        "Delivery = publish (Redis timestamp of the event-log entry written with the "
+        "SPUBLISH) to client arrival. "
         "Loop lag = `GET /healthz` round trip from a separate probe process. Gateway µs/event "
         "= its CPU over the events relayed (one token each, pings included)"
         f"{_pinned(section)}.\n\n"
@@ -303,6 +302,16 @@ def streams_md(results: dict[str, Any]) -> str:
         "CPU cores used",
     ]
     return out + _table(header, rows) + "\n![Streams](bench_streams.png)\n\n"
+
+
+def _started(section: dict[str, Any]) -> str:
+    """How the streams were served, and whether the hold waited for all to start."""
+    if "workers" not in section:  # results from before the hold waited
+        return ""
+    return (
+        f" behind {section['workers']} simulated workers; once every stream had its first "
+        "token (running: how many of the load generator's had, and the wait in seconds)"
+    )
 
 
 def _running(row: dict[str, Any]) -> str:

@@ -118,14 +118,30 @@ async def _wait_open(results: list[Result], timeout: float) -> float:
     return sum(1 for r in results if r.status == 200)
 
 
-async def _wait_started(results: list[Result], timeout: float) -> tuple[int, float]:
+def stream_fleet(n: int) -> list[Backend]:
+    """The simulated workers behind ``n`` slow streams: room for all of them, on several
+    workers. One pulls a job per round trip, and on the load generator's full core a round
+    trip takes milliseconds: a single worker started jobs more slowly than the ramp opened
+    them (at 10,000 streams a quarter were still queued when the hold ended)."""
+    k = STREAM_WORKERS
+    return [
+        Backend(f"streamer-{i}", slots=n // k + 64, tokens_per_s=1.0, ttft_ms=0.0) for i in range(k)
+    ]
+
+
+async def wait_started(
+    results: list[Result], tasks: list[asyncio.Task[Result]], timeout: float
+) -> tuple[int, float]:
     """Wait until every open stream has had its first token, so the hold measures streams that
     all deliver (a queued stream sends only progress notes and reads its log now and then):
-    how many had, and the seconds it took. A worker on a full core starts jobs more slowly
-    than the ramp opens them; at 10,000 streams a quarter were still queued when it ended."""
+    how many had, and the seconds it took. A stream that ended meanwhile is not waited for."""
     started, end = time.monotonic(), time.monotonic() + timeout
     while time.monotonic() < end:
-        if all(r.ttft_ms is not None for r in results if r.status == 200):
+        if all(
+            r.ttft_ms is not None or t.done()
+            for r, t in zip(results, tasks, strict=True)
+            if r.status == 200
+        ):
             break
         await asyncio.sleep(0.2)
     running = sum(1 for r in results if r.status == 200 and r.ttft_ms is not None)
@@ -175,13 +191,7 @@ async def _one_count(
     gw_env: dict[str, str],
     cpus: tuple[frozenset[int] | None, frozenset[int] | None],
 ) -> dict[str, Any]:
-    # Several workers: one pulls a job per round trip, and on the load generator's full core a
-    # round trip takes milliseconds, so one worker started jobs more slowly than the ramp
-    # opened them. Together they have room for every stream.
-    k = STREAM_WORKERS
-    fleet = [
-        Backend(f"streamer-{i}", slots=n // k + 64, tokens_per_s=1.0, ttft_ms=0.0) for i in range(k)
-    ]
+    fleet = stream_fleet(n)
     ramp_s = n / plan.stream_ramp_per_s
     tokens = int(ramp_s + plan.stream_hold_s + 60)
     arm = SlipstreamArm(
@@ -199,7 +209,7 @@ async def _one_count(
             results, tasks = await _open(arm.target(), n - sample, plan, tokens)
             opened = await _wait_open(results, 30 + ramp_s)
             opened += await stamper.opened(60 + ramp_s)
-            running, start_wait_s = await _wait_started(results, 60 + ramp_s)
+            running, start_wait_s = await wait_started(results, tasks, 60 + ramp_s)
             await asyncio.sleep(2.0)  # let the ramp's burst settle
             since = time.time()
             rss, probe = await _hold(arm, plan)
