@@ -161,13 +161,18 @@ class Dispatch:
         return []
 
     def _check_at(self, now: float) -> float:
-        """When ``_enforce_limits`` must look next, at the latest: every second until the
-        job starts (the wait for a worker), then once it could have stalled (a job Redis lost
-        is acted on when the belt's log read finds it, which ends the wait at once). Not every
-        second of a running stream: at 10,000 streams those wake-ups were as many as the
-        events."""
+        """When ``_enforce_limits`` must look next, at the latest: once the wait for a worker
+        is over and every second after, until the job starts (a watcher enforces no such
+        wait); then once it could have stalled. A job Redis lost is acted on when the belt's
+        log read finds it, which ends the wait at once; the deadline is the wait's ``hard``
+        end. Not every second of every stream: at 10,000 streams those wake-ups were as many
+        as the events, and a queued stream woke every second even before there was anything
+        to check."""
         if not self.started:
-            return now + 1.0
+            if not self.submit:
+                return math.inf
+            waited_at = self.created + self.worker_wait_s + 0.002  # a hair past it
+            return waited_at if now < waited_at else now + 1.0
         return max(self.events.last_event_at + self.stall_timeout_s, now + 1.0)
 
     def note(self, events: Sequence[Event]) -> None:

@@ -135,8 +135,8 @@ async def relay(
                 note_at, every = time.monotonic() + every, min(every * 2, ping_s)
             quiet_since = max(quiet_since, outlet.written_at)  # frames written inline count
             wait = quiet_since + ping_s - time.monotonic()
-            if not dispatch.started:  # queued: back for the next progress note
-                wait = min(state.settings.progress_s, ping_s)
+            if not dispatch.started:  # queued: back for the next progress note, not before
+                wait = min(wait, note_at - time.monotonic())
             # a frame written inline moves the next ping on: no wake-up to find that out
             events = await dispatch.next(timeout=max(wait, 0.0), slide=ping_s)
             for frame in frames_of(events, writer, dispatch, cut):

@@ -13,13 +13,15 @@ from typing import Any
 
 import httpx
 import openai
+import pytest
 from redis.asyncio import Redis
 
 from gateway.admission import Admission, Fleet, summarize
 from gateway.backlog_cache import BacklogCache
+from gateway.dispatch import Dispatch
 from shared.jobs import JobStore, now_ms
 from shared.keys import CONSUMER_GROUP, Keys
-from shared.models import Priority, WorkerInfo
+from shared.models import Event, Priority, WorkerInfo
 from tests.helpers import (
     gateway_settings,
     make_job,
@@ -284,6 +286,37 @@ async def test_queued_stream_gets_position_comments(redis: Redis, redis_url: str
                 break
     assert comments[0] == ": queued position=3 eta_ms=1500"  # 150 tokens at 100/s
     assert len(set(comments)) == 1
+
+
+async def test_a_queued_stream_wakes_for_its_notes_only(
+    redis: Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The notes come at 1, 2, 4... progress periods up to the ping period; the stream's task
+    wakes for those, not every progress period in between."""
+    await plant_worker(redis, tokens_per_s=100.0)
+    await queue_tokens(redis, 50, priority="high")
+    waits: list[float] = []
+    wait_next = Dispatch.next
+
+    async def counted(self: Dispatch, timeout: float = 1.0, *, slide: float = 0.0) -> list[Event]:
+        waits.append(timeout)
+        return await wait_next(self, timeout, slide=slide)
+
+    monkeypatch.setattr(Dispatch, "next", counted)
+    gw = gateway_settings(redis_url, stream_start_s=0.05, progress_s=0.1, sse_ping_s=2.0)
+    comments: list[str] = []
+    async with (
+        running_gateway(gw) as base,
+        httpx.AsyncClient(base_url=base, timeout=10) as c,
+        c.stream("POST", "/v1/chat/completions", json=chat(stream=True)) as response,
+    ):
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith(": queued"):
+                comments.append(line)
+            if len(comments) == 5:  # at ~0, 0.1, 0.3, 0.7 and 1.5 s
+                break
+    assert len(waits) <= len(comments) + 2, waits  # a wait every 0.1 s: ~15
 
 
 async def test_job_position_for_the_job_api(redis: Redis, redis_url: str) -> None:

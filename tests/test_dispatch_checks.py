@@ -33,14 +33,17 @@ async def mux(redis: Redis) -> AsyncIterator[PubSubMultiplexer]:
 
 
 def dispatch_for(
-    redis: Redis, mux: PubSubMultiplexer, serves: Callable[[str], bool] | None = None
+    redis: Redis,
+    mux: PubSubMultiplexer,
+    serves: Callable[[str], bool] | None = None,
+    worker_wait_s: float = 0.0,
 ) -> Dispatch:
     store = JobStore(redis, KEYS, ttl_s=60)
     dispatch = Dispatch(
         store,
         mux,
         make_job(),
-        worker_wait_s=0.0,
+        worker_wait_s=worker_wait_s,
         stall_timeout_s=3600.0,
         worker_ttl_s=5.0,
         serves=serves,
@@ -154,5 +157,31 @@ async def test_the_registry_is_read_before_a_job_fails_for_want_of_a_worker(
         else:
             assert [e.code for e in events if isinstance(e, ErrorEvent)] == ["no_worker_available"]
             assert state == "failed"
+    finally:
+        await dispatch.close()
+
+
+async def test_a_queued_stream_checks_its_limits_once_the_wait_for_a_worker_is_over(
+    redis: Redis, mux: PubSubMultiplexer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until the wait for a worker is over there is nothing to check (the deadline ends the
+    wait by itself): no wake-up a second before the job fails for want of a worker."""
+    checks: list[float] = []
+    enforce = Dispatch._enforce_limits
+
+    async def counted(self: Dispatch) -> None:
+        checks.append(time.monotonic())
+        await enforce(self)
+
+    monkeypatch.setattr(Dispatch, "_enforce_limits", counted)
+    dispatch = dispatch_for(redis, mux, serves=lambda _model: False, worker_wait_s=2.5)
+    dispatch.events.poll_s = 60.0  # no belt read in between
+    await dispatch.open()
+    try:
+        events = await dispatch.next(timeout=6.0)
+        took = time.monotonic() - dispatch.created
+        assert [e.code for e in events if isinstance(e, ErrorEvent)] == ["no_worker_available"]
+        assert 2.5 <= took < 3.5, took
+        assert len(checks) == 1, checks  # a check a second: three, the last at 3 s
     finally:
         await dispatch.close()
