@@ -9,7 +9,7 @@ import json
 import re
 import time
 import uuid
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
@@ -18,7 +18,7 @@ from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.settings import GatewaySettings
 from shared.affinity import session_key
 from shared.errors import InvalidRequest, PayloadTooLarge
-from shared.models import Job, Priority, SamplingParams
+from shared.models import ChatMessage, Job, Priority, SamplingParams
 
 Body = TypeVar("Body", bound=BaseModel)
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
@@ -157,33 +157,8 @@ def build_job(
     ``now_ms`` is Redis's time (the scripts judge ``deadline_at_ms`` by it, so a gateway
     whose clock is off does not shorten or stretch deadlines); the host's clock without it.
     """
-    max_tokens = body.output_budget() or min(settings.default_max_tokens, settings.max_tokens_cap)
-    if max_tokens > settings.max_tokens_cap:
-        raise InvalidRequest(
-            f"max_tokens must be at most {settings.max_tokens_cap}", param="max_tokens"
-        )
-    stops = body.stops()
-    if len(stops) > settings.max_stop or any(len(s) > settings.max_stop_chars for s in stops):
-        raise InvalidRequest(
-            f"at most {settings.max_stop} stop sequences of at most "
-            f"{settings.max_stop_chars} characters",
-            param="stop",
-        )
-    if isinstance(body, ChatCompletionRequest):
-        if len(body.messages) > settings.max_messages:
-            raise InvalidRequest(f"at most {settings.max_messages} messages", param="messages")
-        messages = [m.to_message() for m in body.messages]
-        text = "\n".join(m.content for m in messages)
-        kind, prompt = "chat", None
-    else:
-        messages, text, kind, prompt = None, body.prompt, "completion", body.prompt
-    prompt_tokens = estimate_tokens(text) + (4 * len(messages) if messages else 0)
-    if prompt_tokens > settings.max_prompt_tokens:
-        raise InvalidRequest(
-            f"prompt is about {prompt_tokens} tokens; the limit is {settings.max_prompt_tokens}",
-            param="messages" if messages else "prompt",
-            code="context_length_exceeded",
-        )
+    max_tokens, stops = _output_limits(body, settings)
+    kind, messages, prompt, prompt_tokens = _prompt_of(body, settings)
     deadline = _deadline_ms(request, body.deadline_ms)
     now = int(time.time() * 1000) if now_ms is None else now_ms
     budget = deadline if deadline is not None else int(settings.request_timeout_s * 1000)
@@ -209,3 +184,45 @@ def build_job(
         session=session_key(tenant, sid) if (sid := _session(request, body)) else None,
         features=body.features(),  # parsed once; admission checks a live worker has them
     )
+
+
+def _output_limits(
+    body: ChatCompletionRequest | CompletionRequest, settings: GatewaySettings
+) -> tuple[int, list[str]]:
+    """The output budget and stop sequences, checked against the gateway's limits."""
+    max_tokens = body.output_budget() or min(settings.default_max_tokens, settings.max_tokens_cap)
+    if max_tokens > settings.max_tokens_cap:
+        raise InvalidRequest(
+            f"max_tokens must be at most {settings.max_tokens_cap}", param="max_tokens"
+        )
+    stops = body.stops()
+    if len(stops) > settings.max_stop or any(len(s) > settings.max_stop_chars for s in stops):
+        raise InvalidRequest(
+            f"at most {settings.max_stop} stop sequences of at most "
+            f"{settings.max_stop_chars} characters",
+            param="stop",
+        )
+    return max_tokens, stops
+
+
+def _prompt_of(
+    body: ChatCompletionRequest | CompletionRequest, settings: GatewaySettings
+) -> tuple[Literal["chat", "completion"], list[ChatMessage] | None, str | None, int]:
+    """(kind, messages, prompt, estimated prompt tokens), checked against the limits."""
+    if isinstance(body, ChatCompletionRequest):
+        if len(body.messages) > settings.max_messages:
+            raise InvalidRequest(f"at most {settings.max_messages} messages", param="messages")
+        messages = [m.to_message() for m in body.messages]
+        text = "\n".join(m.content for m in messages)
+    else:
+        messages, text = None, body.prompt
+    prompt_tokens = estimate_tokens(text) + (4 * len(messages) if messages else 0)
+    if prompt_tokens > settings.max_prompt_tokens:
+        raise InvalidRequest(
+            f"prompt is about {prompt_tokens} tokens; the limit is {settings.max_prompt_tokens}",
+            param="messages" if messages else "prompt",
+            code="context_length_exceeded",
+        )
+    if messages is None:
+        return "completion", None, text, prompt_tokens
+    return "chat", messages, None, prompt_tokens
